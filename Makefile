@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine:
+#   make demo  - create .venv, install bigbatch, train on Fashion-MNIST with NLCG and momentum SGD
+#   make test  - create .venv, install bigbatch with its test extras, run lint, types and tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned to the CPU build available on these machines; any
+# installed torch >= 2.2 satisfies the package's own requirement afterwards.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= $(firstword $(wildcard ../shared/data/fashion-mnist) $(wildcard /usr/share/datasets/fashion-mnist))
+
+.PHONY: demo test venv install install-test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+
+venv: $(BIN)/python
+
+install: venv
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: venv
+	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+
+demo: install
+	$(BIN)/python examples/fashion_mnist_demo.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q

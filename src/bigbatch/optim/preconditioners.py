@@ -1,0 +1,198 @@
+"""Preconditioners for NLCG: how the search direction sees the curvature.
+
+A preconditioner maps the negative gradient ``r = -g`` to ``z = P r`` where ``P``
+approximates the inverse curvature. NLCG owns the buffers (so they are saved in its
+``state_dict``); a preconditioner declares which flat buffers it needs, fills their initial
+values, updates them from the gradient and the last step, and applies ``P``.
+
+Built in: :class:`IdentityPreconditioner` (plain NLCG), :class:`DiagonalBFGS` (the paper's),
+and :class:`AdamDiagonal` (an Adam-style second-moment diagonal). Structured preconditioners
+(K-FAC) can subclass :class:`Preconditioner` and keep extra state through
+:meth:`Preconditioner.extra_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bigbatch.optim.flat_layout import FlatLayout
+
+__all__ = [
+    "AdamDiagonal",
+    "DiagonalBFGS",
+    "IdentityPreconditioner",
+    "Preconditioner",
+    "SecantPair",
+    "make_preconditioner",
+]
+
+
+@dataclass
+class SecantPair:
+    """The last step ``s = w_k - w_{k-1}`` and gradient change ``y = g_k - g_{k-1}``."""
+
+    s: Tensor
+    y: Tensor
+
+
+class Preconditioner:
+    """Interface: ``z = P r`` with ``P`` symmetric positive definite.
+
+    Attributes:
+        name: short name used in reprs and errors.
+        buffers: names of the flat, parameter-sized buffers the optimizer keeps for it.
+        needs_secant: whether :meth:`update` uses the secant pair (costs two buffer ops).
+    """
+
+    name = "custom"
+    buffers: tuple[str, ...] = ()
+    needs_secant = False
+
+    def attach(self, layout: FlatLayout) -> None:  # noqa: B027 - optional hook
+        """Called once the optimizer knows its parameters (structured preconditioners)."""
+
+    def init_buffer(self, name: str, flat: Tensor) -> None:
+        """Fill a freshly allocated buffer with its initial value (default: zeros)."""
+        flat.zero_()
+
+    def update(
+        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+    ) -> None:
+        """Refresh the curvature estimate from the current gradient ``g`` (in place)."""
+
+    def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
+        """Write ``P r`` into ``out`` and return it."""
+        raise NotImplementedError
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """State that does not live in flat buffers (scalars, per-layer factors)."""
+        return {}
+
+    def load_extra_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`extra_state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class IdentityPreconditioner(Preconditioner):
+    """``P = I``: unpreconditioned nonlinear CG."""
+
+    name = "none"
+
+    def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
+        return out.copy_(r)
+
+
+class DiagonalBFGS(Preconditioner):
+    """The paper's diagonal BFGS estimate ``h`` of the Hessian; ``P = 1 / (h + eps)``.
+
+    With ``s`` the last step and ``y`` the gradient change, when ``y.s >= eps`` and
+    ``s.(h*s) >= eps``:
+    ``h <- |h - (h*h*s*s + eps)/(s.(h*s) + eps) + (y*y + eps)/(y.s + eps)|``;
+    otherwise ``h`` is kept (the curvature-condition guard). ``h`` starts at ones.
+    """
+
+    name = "bfgs"
+    buffers = ("h",)
+    needs_secant = True
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        if not (eps >= 0.0 and math.isfinite(eps)):
+            raise ValueError(f"DiagonalBFGS eps must be a finite number >= 0, got {eps!r}")
+        self.eps = eps
+        self.last_update_skipped = False
+
+    def init_buffer(self, name: str, flat: Tensor) -> None:
+        flat.fill_(1.0)
+
+    def update(
+        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+    ) -> None:
+        h = bufs["h"]
+        if secant is None:  # first step: h = 1
+            h.fill_(1.0)
+            return
+        s, y, eps = secant.s, secant.y, self.eps
+        hs = h * s
+        ys = float(torch.dot(y, s))
+        shs = float(torch.dot(s, hs))
+        self.last_update_skipped = not (ys >= eps and shs >= eps)
+        if self.last_update_skipped:
+            return
+        # h - (h s)^2 / (s.hs) + y^2 / (y.s), with the reference's eps regularisation.
+        hs.square_().add_(eps).div_(shs + eps)
+        h.sub_(hs)
+        h.addcmul_(y, y, value=1.0 / (ys + eps)).add_(eps / (ys + eps)).abs_()
+
+    def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
+        return torch.div(r, bufs["h"] + self.eps, out=out)
+
+    def __repr__(self) -> str:
+        return f"DiagonalBFGS(eps={self.eps})"
+
+
+class AdamDiagonal(Preconditioner):
+    """Adam's second-moment diagonal: ``P = 1 / (sqrt(v / (1 - beta2^t)) + eps)``."""
+
+    name = "adam"
+    buffers = ("exp_avg_sq",)
+
+    def __init__(self, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"AdamDiagonal beta2 must be in [0, 1), got {beta2!r}")
+        if not (eps > 0.0 and math.isfinite(eps)):
+            raise ValueError(f"AdamDiagonal eps must be a finite number > 0, got {eps!r}")
+        self.beta2 = beta2
+        self.eps = eps
+        self._bias_correction = 1.0
+
+    def update(
+        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+    ) -> None:
+        v = bufs["exp_avg_sq"]
+        v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+        self._bias_correction = 1.0 - self.beta2 ** (step + 1)
+
+    def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
+        denom = torch.sqrt(bufs["exp_avg_sq"] / self._bias_correction, out=out).add_(self.eps)
+        return torch.div(r, denom, out=out)
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"bias_correction": self._bias_correction}
+
+    def load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._bias_correction = float(state.get("bias_correction", 1.0))
+
+    def __repr__(self) -> str:
+        return f"AdamDiagonal(beta2={self.beta2}, eps={self.eps})"
+
+
+_BY_NAME: dict[str, type[Preconditioner]] = {
+    "none": IdentityPreconditioner,
+    "bfgs": DiagonalBFGS,
+    "adam": AdamDiagonal,
+}
+
+
+def make_preconditioner(spec: str | Preconditioner | None, eps: float) -> Preconditioner:
+    """Resolve ``"none" | "bfgs" | "adam" | None | Preconditioner`` to an instance."""
+    if spec is None:
+        return IdentityPreconditioner()
+    if isinstance(spec, Preconditioner):
+        return spec
+    if isinstance(spec, str) and spec.lower() in _BY_NAME:
+        cls = _BY_NAME[spec.lower()]
+        if cls is DiagonalBFGS:
+            return DiagonalBFGS(eps=eps)
+        return cls()
+    raise ValueError(
+        f"preconditioner must be one of {sorted(_BY_NAME)}, None or a Preconditioner "
+        f"instance, got {spec!r}"
+    )

@@ -496,7 +496,7 @@ class NLCG(Optimizer):
         assert self.line_search is not None
         with torch.enable_grad():
             orig_loss = closure()
-        f = float(orig_loss) + self._decay_penalty(layout)
+        f = float(orig_loss.detach()) + self._decay_penalty(layout)
         g = self._gather_gradient(layout)
         self._add_weight_decay_and_lars(layout, g)
         if not self._finite(g, f):
@@ -525,7 +525,7 @@ class NLCG(Optimizer):
                 torch._foreach_copy_(params, x0_views)
                 torch._foreach_add_(params, d_views, alpha=t)
                 with torch.enable_grad():
-                    value = float(closure())
+                    value = float(closure().detach())
                 value += self._decay_penalty(layout)
                 grad = self._gather_gradient(layout, "g_trial").clone()
                 self._add_weight_decay_and_lars(layout, grad)

@@ -108,6 +108,7 @@ class DiagonalBFGS(Preconditioner):
             raise ValueError(f"DiagonalBFGS eps must be a finite number >= 0, got {eps!r}")
         self.eps = eps
         self.last_update_skipped = False
+        self._identity = True  # the first step uses P = 1 exactly, as the reference does
 
     def init_buffer(self, name: str, flat: Tensor) -> None:
         flat.fill_(1.0)
@@ -116,7 +117,8 @@ class DiagonalBFGS(Preconditioner):
         self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
     ) -> None:
         h = bufs["h"]
-        if secant is None:  # first step: h = 1
+        self._identity = secant is None
+        if secant is None:  # first step: h = 1, P = 1
             h.fill_(1.0)
             return
         s, y, eps = secant.s, secant.y, self.eps
@@ -132,7 +134,9 @@ class DiagonalBFGS(Preconditioner):
         h.addcmul_(y, y, value=1.0 / (ys + eps)).add_(eps / (ys + eps)).abs_()
 
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
-        return torch.div(r, bufs["h"] + self.eps, out=out)
+        if self._identity:
+            return out.copy_(r)
+        return torch.div(r, bufs["h"].add(self.eps), out=out)
 
     def __repr__(self) -> str:
         return f"DiagonalBFGS(eps={self.eps})"

@@ -395,7 +395,10 @@ class NLCG(Optimizer):
             views = layout.group_views(g, i)
             wd = float(group["weight_decay"])
             if wd and not group["decoupled_weight_decay"]:
-                torch._foreach_add_(views, params, alpha=wd)
+                live = [(v, p) for v, p in zip(views, params, strict=True) if p.grad is not None]
+                if live:  # parameters without a gradient stay frozen: no decay either
+                    v_live, p_live = zip(*live, strict=True)
+                    torch._foreach_add_(list(v_live), list(p_live), alpha=wd)
             if group["lars"]:
                 trust = float(group["lars_trust"])
                 w_norm = torch.stack(torch._foreach_norm(params)).to(g.dtype)

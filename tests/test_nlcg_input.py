@@ -123,7 +123,8 @@ def snapshot(model: nn.Module, opt: NLCG) -> tuple[list[torch.Tensor], dict[str,
     # every buffer and scalar, except the counter that records the skip itself
     state = {
         f"{k}/{name}": (
-            v.clone() if isinstance(v, torch.Tensor)
+            v.clone()
+            if isinstance(v, torch.Tensor)
             else repr({a: b for a, b in v.items() if a != "skipped_steps"})
         )
         for k, entry in sd["state"].items()
@@ -198,7 +199,7 @@ def test_training_continues_after_a_skipped_step() -> None:
     opt.zero_grad()
     model(torch.randn(8, 4)).square().mean().backward()
     model.bias.grad[0] = float("nan")
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="skipped"):
         opt.step(loss=1.0)
     opt.zero_grad()
     loss = model(torch.randn(8, 4)).square().mean()

@@ -60,7 +60,13 @@ def scipy_cg_iterates(
 ) -> list[np.ndarray]:
     iterates: list[np.ndarray] = []
     scipy.sparse.linalg.cg(
-        a, b, x0=x0, rtol=1e-30, atol=0.0, maxiter=ITERS, M=m,
+        a,
+        b,
+        x0=x0,
+        rtol=1e-30,
+        atol=0.0,
+        maxiter=ITERS,
+        M=m,
         callback=lambda xk: iterates.append(xk.copy()),
     )
     assert len(iterates) == ITERS
@@ -131,7 +137,11 @@ def test_strong_wolfe_with_tight_curvature_condition_tracks_linear_cg() -> None:
     b, x0 = rng.standard_normal(N), rng.standard_normal(N)
     ref = scipy_cg_iterates(a, b, x0, None)
     got = nlcg_iterates(
-        a, b, x0, beta_rule="pr", preconditioner="none",
+        a,
+        b,
+        x0,
+        beta_rule="pr",
+        preconditioner="none",
         line_search=StrongWolfe(c1=1e-12, c2=1e-9, max_evals=50),
     )
     scale = np.linalg.norm(np.linalg.solve(a, b))
@@ -171,7 +181,11 @@ def test_line_search_mode_reaches_scipy_cg_optimum_on_softmax_regression(
     d = x.shape[1]
     theta0 = np.zeros(d * 10 + 10)
     ref = scipy.optimize.minimize(
-        _numpy_objective, theta0, args=(x, y, lam), jac=True, method="CG",
+        _numpy_objective,
+        theta0,
+        args=(x, y, lam),
+        jac=True,
+        method="CG",
         options={"gtol": 1e-8, "maxiter": 5000},
     )
     assert np.abs(ref.jac).max() < 1e-6, ref.message  # scipy converged
@@ -182,8 +196,12 @@ def test_line_search_mode_reaches_scipy_cg_optimum_on_softmax_regression(
     opt = NLCG(
         [{"params": [w]}, {"params": [bias], "weight_decay": lam}],
         weight_decay=lam,
-        lr=1.0, beta_rule=rule, preconditioner=preconditioner, line_search="strong_wolfe",
-        max_iter=50, tolerance_grad=1e-9,
+        lr=1.0,
+        beta_rule=rule,
+        preconditioner=preconditioner,
+        line_search="strong_wolfe",
+        max_iter=50,
+        tolerance_grad=1e-9,
     )
 
     def closure() -> Tensor:

@@ -50,8 +50,12 @@ def test_bfgs_update_takes_absolute_value() -> None:
 def test_bfgs_guard_keeps_h(s: list[float], y: list[float]) -> None:
     pre = DiagonalBFGS(eps=EPS)
     h = torch.tensor([2.0, 3.0], dtype=torch.float64)
-    pre.update({"h": h}, torch.zeros(2), SecantPair(torch.tensor(s).double(),
-                                                     torch.tensor(y).double()), step=3)
+    pre.update(
+        {"h": h},
+        torch.zeros(2),
+        SecantPair(torch.tensor(s).double(), torch.tensor(y).double()),
+        step=3,
+    )
     assert pre.last_update_skipped
     assert h.tolist() == [2.0, 3.0]
 
@@ -195,8 +199,9 @@ def test_matches_numpy_transcription_of_reference(rule: str, precond: str) -> No
         loss.backward()
         opt.step(loss=loss)
         w_ref, base_ref, _ = ref[k]
-        np.testing.assert_allclose(w.detach().numpy(), w_ref, rtol=1e-9, atol=1e-11,
-                                   err_msg=f"step {k}")
+        np.testing.assert_allclose(
+            w.detach().numpy(), w_ref, rtol=1e-9, atol=1e-11, err_msg=f"step {k}"
+        )
         assert opt.control.base_lr == pytest.approx(base_ref, rel=1e-12)
 
 
@@ -206,16 +211,31 @@ def test_beta_is_clipped_to_unit_interval() -> None:
     w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     grads = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0])]
     for rule, expected in (("fr", [1.0, 1.0 / 9.0]), ("pr", [1.0, 0.0])):
-        opt = NLCG([w], lr=0.1, beta_rule=rule, preconditioner="none", step_control="off",
-                   restart_on_ascent=False, eps=0.0)
+        opt = NLCG(
+            [w],
+            lr=0.1,
+            beta_rule=rule,
+            preconditioner="none",
+            step_control="off",
+            restart_on_ascent=False,
+            eps=0.0,
+        )
         betas = []
         for g in grads:
             w.grad = g.double()
             opt.step()
             betas.append(opt.state[w]["nlcg_global"]["beta"])
         assert betas[1:] == pytest.approx(expected)
-        unclipped = NLCG([w], lr=0.1, beta_rule=rule, preconditioner="none",
-                         step_control="off", restart_on_ascent=False, eps=0.0, beta_clip=None)
+        unclipped = NLCG(
+            [w],
+            lr=0.1,
+            beta_rule=rule,
+            preconditioner="none",
+            step_control="off",
+            restart_on_ascent=False,
+            eps=0.0,
+            beta_clip=None,
+        )
         raw = []
         for g in grads:
             w.grad = g.double()

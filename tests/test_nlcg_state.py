@@ -14,15 +14,17 @@ from bigbatch import NLCG
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)).to(
+        dtype
+    )
 
 
 def make_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -64,8 +66,10 @@ def test_resume_equals_uninterrupted(options: dict[str, Any]) -> None:
     model_b, opt_b, sched_b = fresh()
     train(model_b, opt_b, sched_b, batches[:8])
     buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
-                "sched": sched_b.state_dict()}, buf)
+    torch.save(
+        {"model": model_b.state_dict(), "opt": opt_b.state_dict(), "sched": sched_b.state_dict()},
+        buf,
+    )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
 
@@ -183,8 +187,15 @@ def test_decoupled_weight_decay_shrinks_weights() -> None:
 def test_lars_scales_each_parameter_gradient() -> None:
     w1 = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))  # |w| = 5
     w2 = nn.Parameter(torch.zeros(2, dtype=torch.float64))  # |w| = 0: scale 1
-    opt = NLCG([w1, w2], lr=1.0, lars=True, lars_trust=0.01, preconditioner="none",
-               step_control="off", eps=0.0)
+    opt = NLCG(
+        [w1, w2],
+        lr=1.0,
+        lars=True,
+        lars_trust=0.01,
+        preconditioner="none",
+        step_control="off",
+        eps=0.0,
+    )
     w1.grad = torch.tensor([0.0, 2.0], dtype=torch.float64)  # |g| = 2
     w2.grad = torch.tensor([1.0, 0.0], dtype=torch.float64)
     opt.step()

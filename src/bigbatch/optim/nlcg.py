@@ -121,7 +121,8 @@ class NLCG(Optimizer):
         self.line_search = _make_line_search(line_search)
         default_control = "off" if self.line_search is not None else "step"
         mode = check_choice(
-            "step_control", default_control if step_control is None else step_control,
+            "step_control",
+            default_control if step_control is None else step_control,
             STEP_CONTROL_MODES,
         )
         if self.line_search is not None and mode != "off":
@@ -259,7 +260,7 @@ class NLCG(Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
-        sd = cast(dict[str, Any], super().state_dict())
+        sd = super().state_dict()
         entry = sd["state"].get(0)
         if entry is not None and _GLOBAL_KEY in entry:
             glob = dict(entry[_GLOBAL_KEY])
@@ -307,12 +308,13 @@ class NLCG(Optimizer):
 
     def buffer_nbytes(self) -> int:
         """Bytes held by the optimizer: persistent state plus reusable workspace."""
-        return sum(t.numel() * t.element_size() for t in chain(self._flat.values(),
-                                                               self._work.values()))
+        return sum(
+            t.numel() * t.element_size() for t in chain(self._flat.values(), self._work.values())
+        )
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, loss: Tensor | float | None = None
     ) -> Any:
         """One NLCG step (line-search mode: up to ``max_iter`` CG iterations).
@@ -521,21 +523,15 @@ class NLCG(Optimizer):
             lr = float(self.param_groups[0]["lr"])
             t0 = lr if step == 0 or not gtd_prev or not t_prev else t_prev * gtd_prev / gtd
             layout.gather(params, x0)
-            d_views = layout.views(d)
-            x0_views = layout.views(x0)
+            x0_views, d_views = self._param_views("x0"), self._param_views("d")
 
             def phi(t: float) -> tuple[float, Tensor]:
-                torch._foreach_copy_(params, x0_views)
-                torch._foreach_add_(params, d_views, alpha=t)
-                with torch.enable_grad():
-                    value = float(closure().detach())
-                value += self._decay_penalty(layout)
-                grad = self._gather_gradient(layout, "g_trial").clone()
-                self._add_weight_decay_and_lars(layout, grad)
-                return value, grad
+                return self._evaluate_at(closure, layout, x0_views, d_views, t)
 
             result = self.line_search(phi, f, g, d, gtd, t0)
             torch._foreach_copy_(params, x0_views)
+            if not self._finite(result.grad, result.loss):
+                break  # parameters are back at the last good point
             torch._foreach_add_(params, d_views, alpha=result.t)
             glob["scales"] = [result.t] * len(self.param_groups)
             glob["gtd"], glob["t"] = gtd, result.t
@@ -548,6 +544,25 @@ class NLCG(Optimizer):
             if not math.isfinite(f) or converged:
                 break
         return orig_loss
+
+    def _evaluate_at(
+        self,
+        closure: Callable[[], Any],
+        layout: FlatLayout,
+        x0_views: list[Tensor],
+        d_views: list[Tensor],
+        t: float,
+    ) -> tuple[float, Tensor]:
+        """Objective (with coupled L2) and its flat gradient at ``x0 + t d``."""
+        params = list(layout.params)
+        torch._foreach_copy_(params, x0_views)
+        torch._foreach_add_(params, d_views, alpha=t)
+        with torch.enable_grad():
+            value = float(closure().detach())
+        value += self._decay_penalty(layout)
+        grad = self._gather_gradient(layout, "g_trial").clone()
+        self._add_weight_decay_and_lars(layout, grad)
+        return value, grad
 
     def _decay_penalty(self, layout: FlatLayout) -> float:
         total = 0.0

@@ -54,7 +54,7 @@ class Preconditioner:
     buffers: tuple[str, ...] = ()
     needs_secant = False
 
-    def attach(self, layout: FlatLayout) -> None:  # noqa: B027 - optional hook
+    def attach(self, layout: FlatLayout) -> None:
         """Called once the optimizer knows its parameters (structured preconditioners)."""
 
     def init_buffer(self, name: str, flat: Tensor) -> None:
@@ -74,7 +74,7 @@ class Preconditioner:
         """State that does not live in flat buffers (scalars, per-layer factors)."""
         return {}
 
-    def load_extra_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027
+    def load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`extra_state_dict` returned."""
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
+from functools import partial
 from itertools import chain
 from typing import Any, cast
 
@@ -509,6 +510,8 @@ class NLCG(Optimizer):
         glob = self._global()
         x0 = self._workspace("x0")
         params = list(layout.params)
+        x0_views, d_views = self._param_views("x0"), self._param_views("d")
+        phi = partial(self._evaluate_at, closure, layout, x0_views, d_views)
         for _ in range(self.max_iter):
             if float(g.abs().max()) <= self.tolerance_grad:
                 break
@@ -523,11 +526,6 @@ class NLCG(Optimizer):
             lr = float(self.param_groups[0]["lr"])
             t0 = lr if step == 0 or not gtd_prev or not t_prev else t_prev * gtd_prev / gtd
             layout.gather(params, x0)
-            x0_views, d_views = self._param_views("x0"), self._param_views("d")
-
-            def phi(t: float) -> tuple[float, Tensor]:
-                return self._evaluate_at(closure, layout, x0_views, d_views, t)
-
             result = self.line_search(phi, f, g, d, gtd, t0)
             torch._foreach_copy_(params, x0_views)
             if not self._finite(result.grad, result.loss):

@@ -93,9 +93,15 @@ class FlatLayout:
         start, stop = self.group_bounds[group]
         return flat[start:stop]
 
-    def gather(self, tensors: Sequence[Tensor | None], out: Tensor) -> Tensor:
-        """Copy per-parameter tensors into ``out`` (``None`` becomes zeros), casting dtype."""
-        present = [(v, t) for v, t in zip(self.views(out), tensors, strict=True) if t is not None]
+    def gather(
+        self, tensors: Sequence[Tensor | None], out: Tensor, views: Sequence[Tensor] | None = None
+    ) -> Tensor:
+        """Copy per-parameter tensors into ``out`` (``None`` becomes zeros), casting dtype.
+
+        ``views`` may pass ``self.views(out)`` when the caller has them cached.
+        """
+        views = self.views(out) if views is None else views
+        present = [(v, t) for v, t in zip(views, tensors, strict=True) if t is not None]
         if len(present) < len(tensors):
             out.zero_()
         if present:

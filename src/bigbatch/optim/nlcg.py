@@ -348,7 +348,7 @@ class NLCG(Optimizer):
         base_old = self.control.base_lr
         decision = self.control.decide(loss_value, step)
         self._apply_update(layout, beta, decision.base_lr, base_old, decision.undo)
-        self._advance_direction(g, beta, rz, glob)
+        self._finish_step(g, beta, rz, glob)
         glob["scales"] = [float(gr["lr"]) * decision.base_lr for gr in self.param_groups]
         return loss
 
@@ -372,10 +372,13 @@ class NLCG(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("NLCG does not support sparse gradients")
             grads.append(p.grad)
-        return layout.gather(grads, self._workspace(into))
+        return layout.gather(grads, self._workspace(into), self._param_views(into))
 
     def _finite(self, g: Tensor, loss: float | None) -> bool:
-        ok = bool(torch.isfinite(g).all()) and (loss is None or math.isfinite(loss))
+        # one pass, no temporary: NaN/Inf anywhere make the float64 sum non-finite
+        ok = math.isfinite(float(g.sum(dtype=torch.float64))) and (
+            loss is None or math.isfinite(loss)
+        )
         if ok:
             return True
         what = "gradient" if loss is None or math.isfinite(loss) else "loss"
@@ -414,7 +417,10 @@ class NLCG(Optimizer):
     def _direction_coefficient(
         self, layout: FlatLayout, g: Tensor, glob: dict[str, Any]
     ) -> tuple[float, float]:
-        """Update the preconditioner, compute ``z = -P g`` in the workspace, return beta."""
+        """Update the preconditioner, put ``z = P g`` in the workspace, return beta and g.P.g.
+
+        The new direction is ``d = -z + beta * d`` (``z`` is kept positive to save a pass).
+        """
         step = int(glob["step"])
         first = step == 0
         d, g_prev = self._flat["d"], self._flat["g_prev"]
@@ -423,18 +429,18 @@ class NLCG(Optimizer):
         if not first and self._needs_y:
             y = torch.sub(g, g_prev, out=self._workspace("y"))
             if self.preconditioner.needs_secant:
-                s = self._workspace("s")
                 scales = glob["scales"]
-                if len(set(scales)) == 1:
-                    torch.mul(d, scales[0], out=s)
+                if len(set(scales)) == 1:  # s = scale * d, never built
+                    secant = SecantPair(direction=d, scale=float(scales[0]), y=y)
                 else:
+                    s = self._workspace("s")
                     for i, scale in enumerate(scales):
                         torch.mul(layout.group_slice(d, i), scale, out=layout.group_slice(s, i))
-                secant = SecantPair(s=s, y=y)
+                    secant = SecantPair(direction=s, scale=1.0, y=y)
         bufs = {name: self._flat[name] for name in self.preconditioner.buffers}
         self.preconditioner.update(bufs, g, secant, step)
-        z = self.preconditioner.apply(bufs, g, out=self._workspace("z")).neg_()
-        rz = -float(torch.dot(g, z))
+        z = self.preconditioner.apply(bufs, g, out=self._workspace("z"))
+        rz = float(torch.dot(g, z))  # r.z with r = -g and the descent direction -z
         restart = (
             first
             or bool(glob.pop("force_restart", False))
@@ -445,8 +451,8 @@ class NLCG(Optimizer):
         scalars = ConjugacyScalars(
             rz=rz,
             rz_prev=float(glob["rz_prev"]),
-            r_zprev=-float(torch.dot(g, self._flat["z_prev"])) if self._needs_z_prev else None,
-            zy=float(torch.dot(z, y)) if y is not None else None,
+            r_zprev=float(torch.dot(g, self._flat["z_prev"])) if self._needs_z_prev else None,
+            zy=-float(torch.dot(z, y)) if y is not None else None,
             dy=float(torch.dot(d, y)) if y is not None else None,
         )
         beta = beta_from_rule(self.beta_rule, scalars, self.eps)
@@ -465,36 +471,52 @@ class NLCG(Optimizer):
     def _apply_update(
         self, layout: FlatLayout, beta: float, base_new: float, base_old: float, undo: float
     ) -> None:
-        """``w += (1-undo) lr base_new (z + beta d) - undo lr base_old d`` per group."""
+        """``w += (1-undo) lr base_new d_new - undo lr base_old d_old`` per group, with
+        ``d_new = -z + beta d_old``; ``d`` holds ``d_new`` afterwards."""
+        d_views = self._param_views("d")
+        groups = []
         for i, group in enumerate(self.param_groups):
             first, stop = layout.group_param_ranges[i]
             keep = [j for j in range(first, stop) if layout.params[j].grad is not None]
-            if not keep:
-                continue
-            params = [layout.params[j] for j in keep]
-            lr = float(group["lr"])
-            wd = float(group["weight_decay"])
+            if keep:
+                groups.append(([layout.params[j] for j in keep], keep, group))
+        for params, _, group in groups:
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
             if wd and group["decoupled_weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
-            a = (1.0 - undo) * lr * base_new
-            b = a * beta - undo * lr * base_old
-            z_views, d_views = self._param_views("z"), self._param_views("d")
-            torch._foreach_add_(params, [z_views[j] for j in keep], alpha=a)
-            if b != 0.0:
-                torch._foreach_add_(params, [d_views[j] for j in keep], alpha=b)
+        if undo:  # take back part of the previous update, along the previous direction
+            for params, keep, group in groups:
+                alpha = -undo * float(group["lr"]) * base_old
+                torch._foreach_add_(params, [d_views[j] for j in keep], alpha=alpha)
+        self._new_direction(beta)
+        for params, keep, group in groups:
+            alpha = (1.0 - undo) * float(group["lr"]) * base_new
+            torch._foreach_add_(params, [d_views[j] for j in keep], alpha=alpha)
 
-    def _advance_direction(self, g: Tensor, beta: float, rz: float, glob: dict[str, Any]) -> None:
+    def _new_direction(self, beta: float) -> None:
         z, d = self._workspace("z"), self._flat["d"]
         if beta == 0.0:
-            d.copy_(z)
+            torch.neg(z, out=d)
         else:
-            d.mul_(beta).add_(z)
-        self._flat["g_prev"].copy_(g)
+            d.mul_(beta).sub_(z)
+
+    def _finish_step(self, g: Tensor, beta: float, rz: float, glob: dict[str, Any]) -> None:
+        """The current gradient (and ``z``) become the previous ones: swap, do not copy."""
+        self._swap("g", "g_prev")
         if self._needs_z_prev:
-            self._flat["z_prev"].copy_(z)
+            self._swap("z", "z_prev")
         glob["rz_prev"] = rz
         glob["beta"] = beta
         glob["step"] = int(glob["step"]) + 1
+
+    def _swap(self, work: str, flat: str) -> None:
+        assert self._layout is not None
+        self._param_views(work), self._param_views(flat)  # make sure both are cached
+        self._work[work], self._flat[flat] = self._flat[flat], self._work[work]
+        cache = self._view_cache
+        cache[work], cache[flat] = cache[flat], cache[work]
+        for p, view in zip(self._layout.params, cache[flat], strict=True):
+            self.state[p][flat] = view
 
     # ------------------------------------------------------------------ line search
     def _line_search_step(self, closure: Callable[[], Any]) -> Any:
@@ -518,7 +540,8 @@ class NLCG(Optimizer):
             step = int(glob["step"])
             beta, rz = self._direction_coefficient(layout, g, glob)
             gtd_prev, t_prev = glob.get("gtd"), glob.get("t")
-            self._advance_direction(g, beta, rz, glob)
+            self._new_direction(beta)
+            self._finish_step(g, beta, rz, glob)
             d = self._flat["d"]
             gtd = float(torch.dot(g, d))
             if gtd >= 0.0:  # cannot happen with a positive-definite P; stop safely

@@ -35,10 +35,18 @@ __all__ = [
 
 @dataclass
 class SecantPair:
-    """The last step ``s = w_k - w_{k-1}`` and gradient change ``y = g_k - g_{k-1}``."""
+    """The last step ``s = scale * direction`` and the gradient change ``y = g - g_prev``.
 
-    s: Tensor
+    The step is kept factored so that no parameter-sized ``s`` is built when one scale
+    applies to every parameter; :meth:`s` materialises it for preconditioners that need it.
+    """
+
+    direction: Tensor
+    scale: float
     y: Tensor
+
+    def s(self) -> Tensor:
+        return self.direction * self.scale
 
 
 class Preconditioner:
@@ -47,7 +55,7 @@ class Preconditioner:
     Attributes:
         name: short name used in reprs and errors.
         buffers: names of the flat, parameter-sized buffers the optimizer keeps for it.
-        needs_secant: whether :meth:`update` uses the secant pair (costs two buffer ops).
+        needs_secant: whether :meth:`update` uses the secant pair (costs a buffer op).
     """
 
     name = "custom"
@@ -109,6 +117,7 @@ class DiagonalBFGS(Preconditioner):
         self.eps = eps
         self.last_update_skipped = False
         self._identity = True  # the first step uses P = 1 exactly, as the reference does
+        self._scratch: Tensor | None = None
 
     def init_buffer(self, name: str, flat: Tensor) -> None:
         flat.fill_(1.0)
@@ -121,22 +130,31 @@ class DiagonalBFGS(Preconditioner):
         if secant is None:  # first step: h = 1, P = 1
             h.fill_(1.0)
             return
-        s, y, eps = secant.s, secant.y, self.eps
-        hs = h * s
-        ys = float(torch.dot(y, s))
-        shs = float(torch.dot(s, hs))
+        d, c, y, eps = secant.direction, secant.scale, secant.y, self.eps
+        hd = self._scratch_like(h)
+        torch.mul(h, d, out=hd)  # h*s = c * h*d
+        ys = c * float(torch.dot(y, d))
+        shs = c * c * float(torch.dot(d, hd))
         self.last_update_skipped = not (ys >= eps and shs >= eps)
         if self.last_update_skipped:
             return
-        # h - (h s)^2 / (s.hs) + y^2 / (y.s), with the reference's eps regularisation.
-        hs.square_().add_(eps).div_(shs + eps)
-        h.sub_(hs)
-        h.addcmul_(y, y, value=1.0 / (ys + eps)).add_(eps / (ys + eps)).abs_()
+        # h <- |h - ((h s)^2 + eps)/(s.hs + eps) + (y^2 + eps)/(y.s + eps)|, in four passes
+        hd.mul_(hd)
+        h.add_(hd, alpha=-(c * c) / (shs + eps))
+        h.addcmul_(y, y, value=1.0 / (ys + eps))
+        h.add_(eps / (ys + eps) - eps / (shs + eps)).abs_()
+
+    def _scratch_like(self, like: Tensor) -> Tensor:
+        scratch = self._scratch
+        if scratch is None or scratch.shape != like.shape or scratch.dtype != like.dtype:
+            scratch = self._scratch = torch.empty_like(like)
+        return scratch
 
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
         if self._identity:
             return out.copy_(r)
-        return torch.div(r, bufs["h"].add(self.eps), out=out)
+        torch.add(bufs["h"], self.eps, out=out)
+        return torch.div(r, out, out=out)
 
     def __repr__(self) -> str:
         return f"DiagonalBFGS(eps={self.eps})"

@@ -375,10 +375,9 @@ class NLCG(Optimizer):
         return layout.gather(grads, self._workspace(into), self._param_views(into))
 
     def _finite(self, g: Tensor, loss: float | None) -> bool:
-        # one pass, no temporary: NaN/Inf anywhere make the float64 sum non-finite
-        ok = math.isfinite(float(g.sum(dtype=torch.float64))) and (
-            loss is None or math.isfinite(loss)
-        )
+        # One pass, no temporary: a NaN/Inf anywhere makes the sum non-finite (so does a
+        # gradient so large that its sum overflows, which is no usable step either).
+        ok = math.isfinite(float(g.sum())) and (loss is None or math.isfinite(loss))
         if ok:
             return True
         what = "gradient" if loss is None or math.isfinite(loss) else "loss"
@@ -448,12 +447,13 @@ class NLCG(Optimizer):
         )
         if restart:
             return 0.0, rz
+        needs_dy = self.beta_rule in RULES_NEEDING_Y
         scalars = ConjugacyScalars(
             rz=rz,
             rz_prev=float(glob["rz_prev"]),
             r_zprev=float(torch.dot(g, self._flat["z_prev"])) if self._needs_z_prev else None,
-            zy=-float(torch.dot(z, y)) if y is not None else None,
-            dy=float(torch.dot(d, y)) if y is not None else None,
+            zy=-float(torch.dot(z, y)) if y is not None and needs_dy else None,
+            dy=float(torch.dot(d, y)) if y is not None and needs_dy else None,
         )
         beta = beta_from_rule(self.beta_rule, scalars, self.eps)
         low, high = self.beta_clip if self.beta_clip is not None else (None, None)

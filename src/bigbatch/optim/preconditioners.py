@@ -138,11 +138,11 @@ class DiagonalBFGS(Preconditioner):
         self.last_update_skipped = not (ys >= eps and shs >= eps)
         if self.last_update_skipped:
             return
-        # h <- |h - ((h s)^2 + eps)/(s.hs + eps) + (y^2 + eps)/(y.s + eps)|, in four passes
-        hd.mul_(hd)
-        h.add_(hd, alpha=-(c * c) / (shs + eps))
-        h.addcmul_(y, y, value=1.0 / (ys + eps))
-        h.add_(eps / (ys + eps) - eps / (shs + eps)).abs_()
+        # h <- |h - ((h s)^2 + eps)/(s.hs + eps) + (y^2 + eps)/(y.s + eps)|, in four passes:
+        # hd <- const - a (h d)^2 (the eps terms gathered in const), then h += hd + b y^2.
+        const = torch.tensor(eps / (ys + eps) - eps / (shs + eps), dtype=h.dtype, device=h.device)
+        torch.addcmul(const, hd, hd, value=-(c * c) / (shs + eps), out=hd)
+        h.add_(hd).addcmul_(y, y, value=1.0 / (ys + eps)).abs_()
 
     def _scratch_like(self, like: Tensor) -> Tensor:
         scratch = self._scratch

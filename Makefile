@@ -25,7 +25,7 @@ install-test: venv
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
 
 demo: install
-	$(BIN)/python examples/fashion_mnist_demo.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(BIN)/python examples/fashion_mnist_demo.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(DEMO_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks examples

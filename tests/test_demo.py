@@ -1,0 +1,73 @@
+"""The README's main job (examples/fashion_mnist_demo.py) runs end to end on real data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fashion_mnist_demo.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_demo_trains_both_optimizers_on_fashion_mnist() -> None:
+    assert DATA.is_dir(), f"the real data is expected at {DATA} (shared/ beside the repo)"
+    out = run_demo(
+        "--data-dir",
+        str(DATA),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4096",
+        "--sgd-lrs",
+        "0.2",
+        "--nlcg-lrs",
+        "0.4",
+    )
+    assert out.returncode == 0, out.stderr
+    accs = {
+        name: float(acc)
+        for name, acc in re.findall(
+            r"best (SGD|NLCG)[^:]*: lr=[\d.]+, final test accuracy "
+            r"([\d.]+)%",
+            out.stdout,
+        )
+    }
+    assert set(accs) == {"SGD", "NLCG"}, out.stdout
+    # two epochs of a real model: well above chance (10%), and not a perfect score
+    assert all(60.0 < acc < 95.0 for acc in accs.values()), accs
+
+
+def test_demo_without_data_says_what_to_do(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "fashion_mnist_demo.py"),
+            "--data-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    if out.returncode == 0:  # the machine has a system copy (Debian's package): fine
+        assert "Fashion-MNIST from" in out.stdout
+        return
+    assert out.returncode == 2
+    assert "train-images-idx3-ubyte.gz" in out.stderr or "fashion" in out.stderr.lower()
+    assert "--download" in out.stderr or "download" in out.stderr

@@ -163,7 +163,7 @@ def test_bfloat16_params_keep_float32_state_through_a_checkpoint() -> None:
 def test_param_without_grad_is_not_moved_and_counts_as_zero() -> None:
     a = nn.Parameter(torch.ones(2))
     b = nn.Parameter(torch.ones(2))
-    opt = NLCG([a, b], lr=0.1, step_control="off", weight_decay=0.1)
+    opt = NLCG([a, b], lr=0.1, step_control="off", weight_decay=0.1, beta_rule="hs")
     a.grad = torch.ones(2)
     opt.step()
     assert torch.equal(b, torch.ones(2))
@@ -235,3 +235,14 @@ def test_closure_loss_feeds_step_control() -> None:
     returned = opt.step(closure)
     assert isinstance(returned, torch.Tensor)
     assert opt.control.loss_ema == pytest.approx(float(returned.detach()))
+
+
+def test_fletcher_reeves_without_secant_keeps_no_previous_gradient() -> None:
+    model = make_model()
+    opt = NLCG(model.parameters(), beta_rule="fr", preconditioner="none")
+    train(model, opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0), make_batches(2))
+    p0 = next(model.parameters())
+    assert set(opt.state[p0]) == {"d", "nlcg_global"}
+    n = sum(p.numel() for p in model.parameters())
+    # d plus the workspace (gradient and z): three parameter-sized float32 buffers
+    assert opt.buffer_nbytes() == 3 * 4 * n

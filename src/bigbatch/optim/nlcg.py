@@ -86,7 +86,8 @@ class NLCG(Optimizer):
     so once). Use ``step_control="off"`` to silence it.
 
     State lives in flat buffers (one per optimizer); ``state[p]`` holds views of them named
-    ``d``, ``g_prev``, ``z_prev`` (for PR-type rules) and the preconditioner's buffers, in
+    ``d``, ``g_prev`` (when the rule or preconditioner uses ``y = g - g_prev``), ``z_prev``
+    (PR-type rules; it holds ``P g_prev``) and the preconditioner's buffers, in
     float32 for float16/bfloat16 parameters. Parameters whose ``grad`` is ``None`` count as
     a zero gradient and are not moved. All parameters must be on one device.
     """
@@ -187,7 +188,7 @@ class NLCG(Optimizer):
         return self.beta_rule in RULES_NEEDING_Y or self.preconditioner.needs_secant
 
     def _buffer_names(self) -> list[str]:
-        names = ["d", "g_prev"]
+        names = ["d", "g_prev"] if self._needs_y else ["d"]
         if self._needs_z_prev:
             names.append("z_prev")
         return names + list(self.preconditioner.buffers)
@@ -308,10 +309,10 @@ class NLCG(Optimizer):
         self.state[layout.params[0]][_GLOBAL_KEY] = glob
 
     def buffer_nbytes(self) -> int:
-        """Bytes held by the optimizer: persistent state plus reusable workspace."""
-        return sum(
-            t.numel() * t.element_size() for t in chain(self._flat.values(), self._work.values())
-        )
+        """Bytes held by the optimizer: persistent state, reusable workspace and what the
+        preconditioner keeps itself."""
+        tensors = chain(self._flat.values(), self._work.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + self.preconditioner.nbytes()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -395,11 +396,12 @@ class NLCG(Optimizer):
         for i, group in enumerate(self.param_groups):
             first, stop = layout.group_param_ranges[i]
             params = list(layout.params[first:stop])
-            if not params:
+            wd = float(group["weight_decay"])
+            coupled = wd and not group["decoupled_weight_decay"]
+            if not params or not (coupled or group["lars"]):
                 continue
             views = layout.group_views(g, i)
-            wd = float(group["weight_decay"])
-            if wd and not group["decoupled_weight_decay"]:
+            if coupled:
                 live = [(v, p) for v, p in zip(views, params, strict=True) if p.grad is not None]
                 if live:  # parameters without a gradient stay frozen: no decay either
                     v_live, p_live = zip(*live, strict=True)
@@ -422,11 +424,11 @@ class NLCG(Optimizer):
         """
         step = int(glob["step"])
         first = step == 0
-        d, g_prev = self._flat["d"], self._flat["g_prev"]
+        d = self._flat["d"]
         y: Tensor | None = None
         secant: SecantPair | None = None
         if not first and self._needs_y:
-            y = torch.sub(g, g_prev, out=self._workspace("y"))
+            y = torch.sub(g, self._flat["g_prev"], out=self._workspace("y"))
             if self.preconditioner.needs_secant:
                 scales = glob["scales"]
                 if len(set(scales)) == 1:  # s = scale * d, never built
@@ -502,7 +504,8 @@ class NLCG(Optimizer):
 
     def _finish_step(self, g: Tensor, beta: float, rz: float, glob: dict[str, Any]) -> None:
         """The current gradient (and ``z``) become the previous ones: swap, do not copy."""
-        self._swap("g", "g_prev")
+        if self._needs_y:
+            self._swap("g", "g_prev")
         if self._needs_z_prev:
             self._swap("z", "z_prev")
         glob["rz_prev"] = rz

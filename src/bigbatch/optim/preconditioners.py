@@ -82,6 +82,10 @@ class Preconditioner:
         """State that does not live in flat buffers (scalars, per-layer factors)."""
         return {}
 
+    def nbytes(self) -> int:
+        """Bytes of tensors the preconditioner holds itself (scratch, factors)."""
+        return 0
+
     def load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`extra_state_dict` returned."""
 
@@ -144,6 +148,10 @@ class DiagonalBFGS(Preconditioner):
         torch.addcmul(const, hd, hd, value=-(c * c) / (shs + eps), out=hd)
         h.add_(hd).addcmul_(y, y, value=1.0 / (ys + eps)).abs_()
 
+    def nbytes(self) -> int:
+        scratch = self._scratch
+        return 0 if scratch is None else scratch.numel() * scratch.element_size()
+
     def _scratch_like(self, like: Tensor) -> Tensor:
         scratch = self._scratch
         if scratch is None or scratch.shape != like.shape or scratch.dtype != like.dtype:
@@ -183,8 +191,11 @@ class AdamDiagonal(Preconditioner):
         self._bias_correction = 1.0 - self.beta2 ** (step + 1)
 
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
-        denom = torch.sqrt(bufs["exp_avg_sq"] / self._bias_correction, out=out).add_(self.eps)
-        return torch.div(r, denom, out=out)
+        # r / (sqrt(v / bc) + eps) = sqrt(bc) * r / (sqrt(v) + eps sqrt(bc)), no temporary
+        root_bc = math.sqrt(self._bias_correction)
+        torch.sqrt(bufs["exp_avg_sq"], out=out).add_(self.eps * root_bc)
+        zero = torch.zeros((), dtype=out.dtype, device=out.device)
+        return torch.addcdiv(zero, r, out, value=root_bc, out=out)
 
     def extra_state_dict(self) -> dict[str, Any]:
         return {"bias_correction": self._bias_correction}

@@ -19,7 +19,13 @@ def test_bfgs_diagonal_update_by_hand() -> None:
     s = torch.tensor([1.0, 2.0], dtype=torch.float64)
     y = torch.tensor([2.0, 1.0], dtype=torch.float64)
     # y.s = 4, s.(h s) = 5: h = |1 - s^2/5 + y^2/4| = [1 - 1/5 + 1, 1 - 4/5 + 1/4]
-    pre.update({"h": h}, y, SecantPair(direction=s, scale=1.0, y=y), step=1)
+    pre.update(
+        {"h": h},
+        y,
+        SecantPair(direction=s, scale=1.0, y=y),
+        step=1,
+        scratch=torch.empty(2, dtype=torch.float64),
+    )
     torch.testing.assert_close(h, torch.tensor([1.8, 0.45], dtype=torch.float64))
     r = torch.tensor([1.8, 0.9], dtype=torch.float64)
     out = torch.empty(2, dtype=torch.float64)
@@ -32,13 +38,25 @@ def test_bfgs_update_takes_absolute_value() -> None:
     s = torch.tensor([1.0, 0.1], dtype=torch.float64)
     y = torch.tensor([0.01, 10.0], dtype=torch.float64)
     # ys = 1.01, sHs = 1.01: h0 = 1 - 1/1.01 + 1e-4/1.01 > 0; h1 = 1 - 0.01/1.01 + 100/1.01
-    pre.update({"h": h}, y, SecantPair(direction=s, scale=1.0, y=y), step=1)
+    pre.update(
+        {"h": h},
+        y,
+        SecantPair(direction=s, scale=1.0, y=y),
+        step=1,
+        scratch=torch.empty(2, dtype=torch.float64),
+    )
     expected = np.abs(np.array([1 - 1 / 1.01 + 1e-4 / 1.01, 1 - 0.01 / 1.01 + 100 / 1.01]))
     np.testing.assert_allclose(h.numpy(), expected, rtol=1e-12)
     h2 = torch.ones(1, dtype=torch.float64)
     s2, y2 = torch.tensor([1.0]).double(), torch.tensor([0.5]).double()
     # ys = 0.5, sHs = 1: 1 - 1 + 0.25/0.5 = 0.5; with h = 3: 3 - 9/3 + 0.5 = 0.5
-    pre.update({"h": h2}, y2, SecantPair(direction=s2, scale=1.0, y=y2), step=1)
+    pre.update(
+        {"h": h2},
+        y2,
+        SecantPair(direction=s2, scale=1.0, y=y2),
+        step=1,
+        scratch=torch.empty(1, dtype=torch.float64),
+    )
     assert float(h2) == pytest.approx(0.5)
 
 
@@ -55,6 +73,7 @@ def test_bfgs_guard_keeps_h(s: list[float], y: list[float]) -> None:
         torch.zeros(2),
         SecantPair(torch.tensor(s).double(), 1.0, torch.tensor(y).double()),
         step=3,
+        scratch=torch.empty(2, dtype=torch.float64),
     )
     assert pre.last_update_skipped
     assert h.tolist() == [2.0, 3.0]

@@ -439,8 +439,9 @@ class NLCG(Optimizer):
                         torch.mul(layout.group_slice(d, i), scale, out=layout.group_slice(s, i))
                     secant = SecantPair(direction=s, scale=1.0, y=y)
         bufs = {name: self._flat[name] for name in self.preconditioner.buffers}
-        self.preconditioner.update(bufs, g, secant, step)
-        z = self.preconditioner.apply(bufs, g, out=self._workspace("z"))
+        z = self._workspace("z")
+        self.preconditioner.update(bufs, g, secant, step, scratch=z)
+        z = self.preconditioner.apply(bufs, g, out=z)
         rz = float(torch.dot(g, z))  # r.z with r = -g and the descent direction -z
         restart = (
             first

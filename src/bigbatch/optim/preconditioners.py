@@ -70,9 +70,18 @@ class Preconditioner:
         flat.zero_()
 
     def update(
-        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        secant: SecantPair | None,
+        step: int,
+        scratch: Tensor,
     ) -> None:
-        """Refresh the curvature estimate from the current gradient ``g`` (in place)."""
+        """Refresh the curvature estimate from the current gradient ``g`` (in place).
+
+        ``scratch`` is a parameter-sized temporary the method may overwrite (it becomes the
+        output of the :meth:`apply` that follows).
+        """
 
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
         """Write ``P r`` into ``out`` and return it."""
@@ -121,13 +130,17 @@ class DiagonalBFGS(Preconditioner):
         self.eps = eps
         self.last_update_skipped = False
         self._identity = True  # the first step uses P = 1 exactly, as the reference does
-        self._scratch: Tensor | None = None
 
     def init_buffer(self, name: str, flat: Tensor) -> None:
         flat.fill_(1.0)
 
     def update(
-        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        secant: SecantPair | None,
+        step: int,
+        scratch: Tensor,
     ) -> None:
         h = bufs["h"]
         self._identity = secant is None
@@ -135,8 +148,7 @@ class DiagonalBFGS(Preconditioner):
             h.fill_(1.0)
             return
         d, c, y, eps = secant.direction, secant.scale, secant.y, self.eps
-        hd = self._scratch_like(h)
-        torch.mul(h, d, out=hd)  # h*s = c * h*d
+        hd = torch.mul(h, d, out=scratch)  # h*s = c * h*d
         ys = c * float(torch.dot(y, d))
         shs = c * c * float(torch.dot(d, hd))
         self.last_update_skipped = not (ys >= eps and shs >= eps)
@@ -147,16 +159,6 @@ class DiagonalBFGS(Preconditioner):
         const = torch.tensor(eps / (ys + eps) - eps / (shs + eps), dtype=h.dtype, device=h.device)
         torch.addcmul(const, hd, hd, value=-(c * c) / (shs + eps), out=hd)
         h.add_(hd).addcmul_(y, y, value=1.0 / (ys + eps)).abs_()
-
-    def nbytes(self) -> int:
-        scratch = self._scratch
-        return 0 if scratch is None else scratch.numel() * scratch.element_size()
-
-    def _scratch_like(self, like: Tensor) -> Tensor:
-        scratch = self._scratch
-        if scratch is None or scratch.shape != like.shape or scratch.dtype != like.dtype:
-            scratch = self._scratch = torch.empty_like(like)
-        return scratch
 
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
         if self._identity:
@@ -184,7 +186,12 @@ class AdamDiagonal(Preconditioner):
         self._bias_correction = 1.0
 
     def update(
-        self, bufs: Mapping[str, Tensor], g: Tensor, secant: SecantPair | None, step: int
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        secant: SecantPair | None,
+        step: int,
+        scratch: Tensor,
     ) -> None:
         v = bufs["exp_avg_sq"]
         v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)

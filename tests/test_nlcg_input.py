@@ -73,6 +73,7 @@ def test_bad_param_group_option_is_named() -> None:
     opt = NLCG(params())
     with pytest.raises(ValueError, match="weight_decay"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "weight_decay": -1.0})
+    assert len(opt.param_groups) == 1  # the rejected group was not kept
 
 
 def test_integer_tensor_and_empty_params_are_rejected() -> None:

@@ -120,8 +120,24 @@ def test_load_rejects_mismatched_state() -> None:
     train(model, opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0), make_batches(1))
     sd = opt.state_dict()
     sd["state"][0]["d"] = torch.zeros(5)
+    other = make_model(seed=5)
+    target = NLCG(other.parameters())
+    train(other, target, torch.optim.lr_scheduler.ConstantLR(target, factor=1.0), make_batches(2))
+    before = {
+        k: v.clone()
+        for k, v in target.state[next(other.parameters())].items()
+        if isinstance(v, torch.Tensor)
+    }
     with pytest.raises(ValueError, match="'d' of parameter 0"):
-        NLCG(make_model().parameters()).load_state_dict(sd)
+        target.load_state_dict(sd)
+    # nothing was lost: the optimizer keeps its own state and keeps training
+    after = target.state[next(other.parameters())]
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    train(other, target, torch.optim.lr_scheduler.ConstantLR(target, factor=1.0), make_batches(1))
+    good = opt.state_dict()
+    del good["state"][0]["nlcg_global"]
+    with pytest.raises(ValueError, match="nlcg_global"):
+        NLCG(make_model().parameters()).load_state_dict(good)
 
 
 def test_lr_scheduler_drives_the_step() -> None:

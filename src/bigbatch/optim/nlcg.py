@@ -172,10 +172,14 @@ class NLCG(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group)
-        for p in group["params"]:
-            if not p.is_floating_point():
-                raise ValueError(f"NLCG optimizes floating-point tensors, got dtype {p.dtype}")
+        try:
+            _check_group(group)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise ValueError(f"NLCG optimizes floating-point tensors, got {p.dtype}")
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
         if self._layout is not None:  # a new group after steps: re-lay the buffers
             self._relayout()
 
@@ -273,40 +277,60 @@ class NLCG(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        super().load_state_dict(dict(state_dict))  # validates groups, restores param_groups
         saved: Mapping[Any, Any] = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        glob = self._check_loadable(saved, saved_ids)  # raises before anything changes
+        super().load_state_dict(dict(state_dict))  # validates groups, restores param_groups
         for p in list(self.state):  # drop super()'s dtype-cast copies; refilled below
             self.state.pop(p)
         self._layout, self._flat, self._work, self._view_cache = None, {}, {}, {}
-        if not saved:
+        if glob is None:
             return
         layout = self._new_layout()
         self._allocate(layout)
-        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        glob: dict[str, Any] | None = None
         for j, pid in enumerate(saved_ids):
-            entry = saved.get(pid)
-            if entry is None:
-                continue
+            entry = saved.get(pid, {})
             for name, buf in self._flat.items():
-                if name not in entry:
-                    continue
-                view = layout.views(buf, j, j + 1)[0]
-                value = entry[name]
-                if not isinstance(value, Tensor) or value.numel() != view.numel():
-                    raise ValueError(
-                        f"NLCG state {name!r} of parameter {j} does not match its shape "
-                        f"{tuple(view.shape)}: got {getattr(value, 'shape', type(value))}"
-                    )
-                view.copy_(value.reshape(view.shape))
-            if _GLOBAL_KEY in entry:
-                glob = deepcopy(dict(entry[_GLOBAL_KEY]))
-        if glob is None:
-            raise ValueError(f"NLCG state_dict has per-parameter state but no {_GLOBAL_KEY!r}")
+                if name in entry:  # a buffer the checkpoint lacks keeps its initial value
+                    view = layout.views(buf, j, j + 1)[0]
+                    view.copy_(entry[name].reshape(view.shape))
+        glob = deepcopy(dict(glob))
         self.control.load_state_dict(glob.pop("step_control"))
         self.preconditioner.load_extra_state_dict(glob.pop("preconditioner"))
         self.skipped_steps = int(glob.pop("skipped_steps", 0))
         self.state[layout.params[0]][_GLOBAL_KEY] = glob
+
+    def _check_loadable(
+        self, saved: Mapping[Any, Any], saved_ids: list[Any]
+    ) -> Mapping[str, Any] | None:
+        """The checkpoint's global scalars, after checking every buffer fits its parameter."""
+        if not saved:
+            return None
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(params) != len(saved_ids):
+            raise ValueError(
+                f"NLCG state_dict has {len(saved_ids)} parameters, the optimizer {len(params)}"
+            )
+        glob = None
+        for j, (pid, p) in enumerate(zip(saved_ids, params, strict=True)):
+            entry = saved.get(pid, {})
+            for name in self._buffer_names():
+                value = entry.get(name)
+                if value is not None and (
+                    not isinstance(value, Tensor) or value.numel() != p.numel()
+                ):
+                    raise ValueError(
+                        f"NLCG state {name!r} of parameter {j} does not match its shape "
+                        f"{tuple(p.shape)}: got {getattr(value, 'shape', type(value))}"
+                    )
+            glob = entry.get(_GLOBAL_KEY, glob)
+        missing = {"step", "step_control", "preconditioner"} - set(glob or {})
+        if glob is None or missing:
+            raise ValueError(
+                f"NLCG state_dict has per-parameter state but no complete {_GLOBAL_KEY!r} "
+                f"(missing {sorted(missing)})"
+            )
+        return cast(Mapping[str, Any], glob)
 
     def buffer_nbytes(self) -> int:
         """Bytes held by the optimizer: persistent state, reusable workspace and what the

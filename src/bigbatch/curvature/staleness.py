@@ -1,0 +1,124 @@
+"""Stale statistics: when each curvature statistic is recomputed (SP-NGD's "practical" part).
+
+Every statistic (each A, each G, each unit-wise block) has its own refresh interval. When a
+statistic is refreshed it is compared with its previous value; if the relative change
+``||X_new - X_old||_F / ||X_old||_F`` is below ``threshold`` the interval doubles (up to
+``max_interval``), otherwise it halves (at least ``min_interval``). Between refreshes the
+statistic is neither computed nor communicated and its last inverse is reused.
+
+This module only schedules; it does not know what a statistic is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["RefreshSchedule", "StalenessConfig"]
+
+
+@dataclass(frozen=True)
+class StalenessConfig:
+    """How refresh intervals adapt. ``enabled=False`` refreshes every statistic every step.
+
+    Defaults (our choice, documented in docs/spngd.md): threshold 0.1, intervals doubling up
+    to 32 and halving down to 1, starting at 1.
+    """
+
+    enabled: bool = True
+    threshold: float = 0.1
+    min_interval: int = 1
+    max_interval: int = 32
+    initial_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold > 0.0):
+            raise ValueError(f"staleness threshold must be > 0, got {self.threshold!r}")
+        for name in ("min_interval", "max_interval", "initial_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"staleness {name} must be an integer >= 1, got {value!r}")
+        if self.min_interval > self.max_interval:
+            raise ValueError(
+                f"staleness min_interval ({self.min_interval}) must be <= max_interval "
+                f"({self.max_interval})"
+            )
+        if not self.min_interval <= self.initial_interval <= self.max_interval:
+            raise ValueError(
+                "staleness initial_interval must lie in [min_interval, max_interval], got "
+                f"{self.initial_interval!r}"
+            )
+
+
+@dataclass
+class RefreshSchedule:
+    """Per-statistic intervals and due steps, plus the refresh fraction actually achieved."""
+
+    config: StalenessConfig = field(default_factory=StalenessConfig)
+    intervals: dict[str, int] = field(default_factory=dict)
+    next_due: dict[str, int] = field(default_factory=dict)
+    refreshed: int = 0  # (statistic, step) pairs that were refreshed
+    total: int = 0  # (statistic, step) pairs seen
+
+    def register(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.intervals.setdefault(name, self.config.initial_interval)
+            self.next_due.setdefault(name, 0)
+
+    def due(self, name: str, step: int) -> bool:
+        return not self.config.enabled or step >= self.next_due.get(name, 0)
+
+    def due_names(self, step: int) -> set[str]:
+        return {name for name in self.intervals if self.due(name, step)}
+
+    def record_step(self, n_refreshed: int) -> None:
+        self.refreshed += n_refreshed
+        self.total += len(self.intervals)
+
+    def update(self, name: str, step: int, new: Tensor, old: Tensor | None) -> float | None:
+        """Adapt ``name``'s interval after refreshing it at ``step``; returns the change."""
+        change = relative_change(new, old)
+        interval = self.intervals.get(name, self.config.initial_interval)
+        if change is not None:
+            if change < self.config.threshold:
+                interval = min(2 * interval, self.config.max_interval)
+            else:
+                interval = max(interval // 2, self.config.min_interval)
+        self.intervals[name] = interval
+        self.next_due[name] = step + interval
+        return change
+
+    @property
+    def refresh_fraction(self) -> float:
+        """Fraction of (statistic, step) pairs that were refreshed (1.0 before any step)."""
+        return self.refreshed / self.total if self.total else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "intervals": dict(self.intervals),
+            "next_due": dict(self.next_due),
+            "refreshed": self.refreshed,
+            "total": self.total,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.intervals = {str(k): int(v) for k, v in state["intervals"].items()}
+        self.next_due = {str(k): int(v) for k, v in state["next_due"].items()}
+        self.refreshed = int(state["refreshed"])
+        self.total = int(state["total"])
+
+
+def relative_change(new: Tensor, old: Tensor | None) -> float | None:
+    """``||new - old||_F / ||old||_F``; ``None`` without a previous value, inf if old is 0."""
+    if old is None:
+        return None
+    denom = float(torch.linalg.vector_norm(old))
+    diff = float(torch.linalg.vector_norm(new - old))
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom

@@ -21,8 +21,14 @@ venv: $(BIN)/python
 install: venv
 	$(BIN)/python -m pip install --quiet -e .
 
+# curvlinops (a test oracle) needs backpack-for-pytorch, which declares torchvision: installing
+# them without dependencies keeps torchvision and a CUDA torch out.
+ORACLES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 linear_operator==0.6.1 \
+	unfoldNd==0.2.3 einconv==0.1.0
+
 install-test: venv
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(ORACLES)
 
 demo: install
 	$(BIN)/python examples/fashion_mnist_demo.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(DEMO_ARGS)

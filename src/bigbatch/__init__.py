@@ -1,17 +1,21 @@
 """bigbatch: optimizers and tools for training with very large mini-batches.
 
-Public API: :class:`NLCG` (stochastic preconditioned nonlinear conjugate gradient) and its
-preconditioners. The SP-NGD optimizer, the curvature engine and the training harness come in
-their own subpackages.
+Public API: :class:`NLCG` (stochastic preconditioned nonlinear conjugate gradient) with its
+preconditioners (K-FAC among them), and :class:`SPNGD` (K-FAC natural gradient with stale
+statistics). The curvature engine is in :mod:`bigbatch.curvature`.
 """
 
 from __future__ import annotations
 
+from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.optim import (
     NLCG,
+    SPNGD,
     AdamDiagonal,
     DiagonalBFGS,
     IdentityPreconditioner,
+    KFACPreconditioner,
     LineSearch,
     LineSearchResult,
     Preconditioner,
@@ -23,13 +27,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NLCG",
+    "SPNGD",
     "AdamDiagonal",
     "DiagonalBFGS",
     "IdentityPreconditioner",
+    "InversionConfig",
+    "KFACPreconditioner",
     "LineSearch",
     "LineSearchResult",
     "Preconditioner",
     "SecantPair",
+    "StalenessConfig",
     "StrongWolfe",
     "__version__",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bigbatch.optim.kfac_preconditioner import KFACPreconditioner
 from bigbatch.optim.line_search import LineSearch, LineSearchResult, StrongWolfe
 from bigbatch.optim.nlcg import NLCG
 from bigbatch.optim.preconditioners import (
@@ -11,12 +12,15 @@ from bigbatch.optim.preconditioners import (
     Preconditioner,
     SecantPair,
 )
+from bigbatch.optim.spngd import SPNGD
 
 __all__ = [
     "NLCG",
+    "SPNGD",
     "AdamDiagonal",
     "DiagonalBFGS",
     "IdentityPreconditioner",
+    "KFACPreconditioner",
     "LineSearch",
     "LineSearchResult",
     "Preconditioner",

@@ -229,8 +229,7 @@ def make_preconditioner(spec: str | Preconditioner | None, eps: float) -> Precon
         return spec
     if isinstance(spec, str) and spec.lower() == "kfac":
         raise ValueError(
-            "preconditioner='kfac' needs the model: pass "
-            "bigbatch.KFACPreconditioner(model) instead"
+            "preconditioner='kfac' needs the model: pass bigbatch.KFACPreconditioner(model) instead"
         )
     if isinstance(spec, str) and spec.lower() in _BY_NAME:
         cls = _BY_NAME[spec.lower()]

@@ -1,0 +1,231 @@
+"""The curvature engine: statistics -> refresh schedule -> damped inverses -> preconditioning.
+
+One object per model, shared by :class:`bigbatch.SPNGD` and NLCG's K-FAC preconditioner.
+Per step the owner calls :meth:`KFACEngine.refresh` (collect what the hooks recorded, adapt
+the refresh intervals, re-invert the blocks whose statistics or damping changed) and then
+:meth:`KFACEngine.precondition` on whatever gradients it wants preconditioned, and finally
+:meth:`KFACEngine.advance` to arm the hooks for the next step.
+
+Everything the engine keeps (statistics, inverses, intervals, counters) is a tensor or a
+number keyed by statistic name, so it checkpoints exactly and can later be partitioned
+across ranks. It knows nothing about learning rates or momentum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bigbatch.curvature import layers as L
+from bigbatch.curvature.capture import Block, CurvatureCapture
+from bigbatch.curvature.linalg import DampedInverter, InversionConfig, kron_damping
+from bigbatch.curvature.staleness import RefreshSchedule, StalenessConfig
+
+__all__ = ["KFACEngine", "RefreshReport"]
+
+
+@dataclass
+class RefreshReport:
+    """What one :meth:`KFACEngine.refresh` did."""
+
+    refreshed: list[str] = field(default_factory=list)  # statistics recomputed
+    inverted: list[str] = field(default_factory=list)  # blocks re-inverted
+    missing: list[str] = field(default_factory=list)  # armed statistics with no data
+
+
+class KFACEngine:
+    """Fisher blocks of ``model`` with stale statistics and damped inverses.
+
+    Args:
+        model: the network whose supported layers become blocks.
+        fisher: ``"empirical"`` or ``"mc"`` (see :class:`CurvatureCapture`).
+        staleness: refresh-interval rule; ``StalenessConfig(enabled=False)`` refreshes
+            every statistic every step.
+        inversion: decomposition method and failure policy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fisher: str = "empirical",
+        staleness: StalenessConfig | None = None,
+        inversion: InversionConfig | None = None,
+    ) -> None:
+        self.capture = CurvatureCapture(model, fisher)
+        self.schedule = RefreshSchedule(staleness or StalenessConfig())
+        self.schedule.register(self.capture.stat_names())
+        self.inverter = DampedInverter(inversion or InversionConfig())
+        self.stats: dict[str, Tensor] = {}
+        self.inverses: dict[str, Tensor] = {}
+        self.damping_used: dict[str, float] = {}
+        self.step = 0
+        self._warned_missing: set[str] = set()
+        self.capture.arm(self.schedule.due_names(0))
+
+    @property
+    def blocks(self) -> dict[str, Block]:
+        return self.capture.blocks
+
+    def statistics_due(self) -> bool:
+        """Whether the current step records any statistic (so an MC backward is useful)."""
+        return bool(self.capture.armed)
+
+    # ----------------------------------------------------------------- per step
+    def refresh(self, damping_of: Callable[[Block], float]) -> RefreshReport:
+        """Take in this step's statistics and re-invert what changed."""
+        captured = self.capture.collect()
+        report = RefreshReport(missing=list(captured.missing))
+        for stat, value in captured.values.items():
+            if not bool(torch.isfinite(value).all()):
+                report.missing.append(stat)
+                continue
+            self.schedule.update(stat, self.step, value, self.stats.get(stat))
+            self.stats[stat] = value
+            report.refreshed.append(stat)
+        for stat in report.missing:  # retry next step
+            self.schedule.next_due[stat] = self.step + 1
+        self.schedule.record_step(len(report.refreshed))
+        self._warn_missing(report.missing)
+        fresh = {s.rsplit(".", 1)[0] for s in report.refreshed}
+        to_invert = [
+            block
+            for block in self.blocks.values()
+            if all(s in self.stats for s in block.stat_names)
+            and (block.name in fresh or self.damping_used.get(block.name) != damping_of(block))
+        ]
+        self._invert(to_invert, damping_of)
+        report.inverted = [b.name for b in to_invert]
+        return report
+
+    def advance(self) -> None:
+        """Close the step: arm the hooks for the statistics due at the next one."""
+        self.step += 1
+        self.capture.arm(self.schedule.due_names(self.step))
+
+    def _invert(self, blocks: list[Block], damping_of: Callable[[Block], float]) -> None:
+        named: dict[str, Tensor] = {}
+        damping: dict[str, float | Tensor] = {}
+        for block in blocks:
+            lam = damping_of(block)
+            if block.kind == "unitwise":
+                stat = f"{block.name}.F"
+                named[stat], damping[stat] = self.stats[stat], lam
+                continue
+            a, g = self.stats[f"{block.name}.A"], self.stats[f"{block.name}.G"]
+            if block.kind == "embedding":  # diagonal A: its inverse is elementwise
+                a_mean = a.mean()
+                g_mean = torch.diagonal(g).mean()
+                pi = float(torch.sqrt(a_mean / g_mean)) if a_mean > 0 and g_mean > 0 else 1.0
+                da, dg = pi * lam**0.5, lam**0.5 / pi
+                self.inverses[f"{block.name}.A"] = 1.0 / (a + da)
+            else:
+                da, dg = kron_damping(a, g, lam)
+                named[f"{block.name}.A"], damping[f"{block.name}.A"] = a, da
+            named[f"{block.name}.G"], damping[f"{block.name}.G"] = g, dg
+        if named:
+            self.inverses.update(self.inverter.invert(named, damping))
+        for block in blocks:
+            self.damping_used[block.name] = damping_of(block)
+
+    def _warn_missing(self, missing: list[str]) -> None:
+        for stat in missing:
+            block = stat.rsplit(".", 1)[0]
+            if block in self._warned_missing:
+                continue
+            self._warned_missing.add(block)
+            module = type(self.blocks[block].module).__name__
+            warnings.warn(
+                f"curvature: no statistics for {block!r} ({module}) this step: its hooks did "
+                "not fire (called functionally, unused in this forward, or fisher='mc' "
+                "without mc_backward). It keeps its previous inverse, or the plain gradient "
+                "until it has one.",
+                stacklevel=3,
+            )
+
+    # ----------------------------------------------------------------- preconditioning
+    def ready(self, block: Block) -> bool:
+        names = (
+            block.stat_names if block.kind == "unitwise" else (f"{block.name}.A", f"{block.name}.G")
+        )
+        return all(n in self.inverses for n in names)
+
+    def precondition(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """Natural-gradient directions ``F^-1 g`` for the parameters of ready blocks.
+
+        ``grads`` maps parameters to gradients of their shape; parameters of blocks without
+        inverses yet, or not in a block, are absent from the result.
+        """
+        out: dict[Tensor, Tensor] = {}
+        for block in self.blocks.values():
+            if not self.ready(block) or any(p not in grads for p in block.params):
+                continue
+            gs = [grads[p] for p in block.params]
+            name = block.name
+            if block.kind == "kron":
+                mat = _grad_matrix(gs)
+                pre = L.kronecker_precondition(
+                    mat.to(self.inverses[f"{name}.A"].dtype),
+                    self.inverses[f"{name}.A"],
+                    self.inverses[f"{name}.G"],
+                )
+                results = _split_matrix(pre, gs)
+            elif block.kind == "embedding":
+                pre = L.embedding_precondition(
+                    gs[0].to(self.inverses[f"{name}.G"].dtype),
+                    self.inverses[f"{name}.A"],
+                    self.inverses[f"{name}.G"],
+                )
+                results = [pre]
+            else:
+                f_inv = self.inverses[f"{name}.F"]
+                gw, gb = (g.reshape(-1).to(f_inv.dtype) for g in gs)
+                pw, pb = L.unitwise_precondition(gw, gb, f_inv)
+                results = [pw.view_as(gs[0]), pb.view_as(gs[1])]
+            for p, r in zip(block.params, results, strict=True):
+                out[p] = r.to(grads[p].dtype)
+        return out
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "stats": {k: v.clone() for k, v in self.stats.items()},
+            "inverses": {k: v.clone() for k, v in self.inverses.items()},
+            "damping_used": dict(self.damping_used),
+            "schedule": self.schedule.state_dict(),
+            "inverter": self.inverter.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        known = set(self.capture.stat_names())
+        unknown = set(state["stats"]) - known
+        if unknown:
+            raise ValueError(
+                f"curvature state has statistics for unknown blocks: {sorted(unknown)}"
+            )
+        self.step = int(state["step"])
+        self.stats = {k: v.clone() for k, v in state["stats"].items()}
+        self.inverses = {k: v.clone() for k, v in state["inverses"].items()}
+        self.damping_used = {k: float(v) for k, v in state["damping_used"].items()}
+        self.schedule.load_state_dict(state["schedule"])
+        self.inverter.load_state_dict(state["inverter"])
+        self.capture.arm(self.schedule.due_names(self.step))
+
+
+def _grad_matrix(gs: list[Tensor]) -> Tensor:
+    """(out, in*kh*kw [+1]) matrix of a Linear/Conv2d gradient, bias as the last column."""
+    w = gs[0].reshape(gs[0].shape[0], -1)
+    if len(gs) == 1:
+        return w
+    return torch.cat([w, gs[1].reshape(-1, 1).to(w.dtype)], dim=1)
+
+
+def _split_matrix(mat: Tensor, gs: list[Tensor]) -> list[Tensor]:
+    if len(gs) == 1:
+        return [mat.reshape(gs[0].shape)]
+    return [mat[:, :-1].reshape(gs[0].shape), mat[:, -1].reshape(gs[1].shape)]

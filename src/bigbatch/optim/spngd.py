@@ -1,0 +1,310 @@
+"""SP-NGD: scalable and practical natural gradient descent (Osawa et al., 2020).
+
+A ``torch.optim.Optimizer``: momentum SGD on the natural gradient ``F^-1 g``, with ``F`` the
+K-FAC Fisher of Linear/Conv2d/Embedding layers and unit-wise 2x2 blocks for BatchNorm and
+LayerNorm, computed from stale statistics (each refreshed only when it has changed) and
+damped, pi-corrected inverses. The curvature lives in :class:`bigbatch.curvature.KFACEngine`;
+this file turns preconditioned gradients into updates.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.optim import Optimizer
+
+from bigbatch.curvature.capture import Block
+from bigbatch.curvature.engine import KFACEngine, RefreshReport
+from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.staleness import StalenessConfig
+from bigbatch.optim.validation import check_choice, check_number
+
+__all__ = ["SPNGD"]
+
+_NONFINITE_POLICIES = ("skip", "raise")
+_MC_LOSSES = ("cross_entropy", "mse")
+
+
+class SPNGD(Optimizer):
+    """Natural-gradient momentum SGD with a K-FAC / unit-wise Fisher and stale statistics.
+
+    Works unchanged in a standard loop (``zero_grad(); loss.backward(); step()``) or with
+    ``step(closure)``: the statistics are recorded by hooks on ``model`` during the passes
+    the loop runs anyway. The loss must be the MEAN over the batch (with gradient
+    accumulation, each micro-batch's mean divided by the number of micro-batches), which is
+    what makes the per-sample gradients ``N * dL/dy``.
+
+    Args:
+        model: the network; its Linear, Conv2d (groups=1), BatchNorm1d/2d, LayerNorm and
+            Embedding layers get Fisher blocks. Other trainable parameters (listed once in a
+            warning and in :attr:`fallback_parameters`) get plain momentum SGD.
+        lr: learning rate (default 0.1); from ``param_groups``, so schedulers work.
+        momentum: heavy-ball momentum on the preconditioned gradient (default 0.9), rescaled
+            by ``lr_new / lr_old`` when the learning rate changes.
+        damping: Tikhonov damping ``lambda`` (default 1e-3), per param group, changeable at
+            any time (blocks are re-inverted when it changes).
+        weight_decay: added to the preconditioned gradient, ``w * wd`` (default 0).
+        weight_rescale: cap each Linear/Conv2d weight's Frobenius norm at ``sqrt(2 C_out)``
+            after the update (the reference's replacement for weight decay; default off).
+        kl_clip: scale the step so that ``lr^2 * sum(F^-1 g . g) <= kl_clip`` (default off).
+        fisher: ``"empirical"`` (default: free, from the loss backward) or ``"mc"``: one
+            sampled label per example; call :meth:`mc_backward` with the model's outputs
+            before ``loss.backward()`` on steps where :meth:`statistics_due` is true.
+        staleness: refresh-interval rule (:class:`StalenessConfig`); ``False`` refreshes
+            every statistic every step.
+        inversion: :class:`InversionConfig` (``"eigh"`` or ``"cholesky"``, failure policy).
+        nonfinite: ``"skip"`` (default): a step with a NaN/Inf gradient or preconditioned
+            gradient changes no parameter and no momentum, and warns; ``"raise"``:
+            ``FloatingPointError``.
+        params: optional parameter groups (default ``model.parameters()``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        *,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        weight_rescale: bool = False,
+        kl_clip: float | None = None,
+        fisher: str = "empirical",
+        staleness: StalenessConfig | bool = True,
+        inversion: InversionConfig | None = None,
+        nonfinite: str = "skip",
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.kl_clip = (
+            None if kl_clip is None else check_number("kl_clip", kl_clip, low=0.0, low_open=True)
+        )
+        self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
+        fisher = check_choice("fisher", fisher, ("empirical", "mc"))
+        if isinstance(staleness, bool):
+            staleness = StalenessConfig(enabled=staleness)
+        elif not isinstance(staleness, StalenessConfig):
+            raise ValueError(f"staleness must be a bool or StalenessConfig, got {staleness!r}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "weight_decay": weight_decay,
+            "weight_rescale": weight_rescale,
+        }
+        _check_group(defaults)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.engine = KFACEngine(model, fisher, staleness, inversion)
+        self.skipped_steps = 0
+        self.last_report = RefreshReport()
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._blocks = [
+            b for b in self.engine.blocks.values() if all(p in self._group_of for p in b.params)
+        ]
+        in_blocks = {p for b in self._blocks for p in b.params}
+        names = {p: n for n, p in model.named_parameters()}
+        self.fallback_parameters = [
+            names.get(p, "<unnamed>") for p in self._group_of if p not in in_blocks
+        ]
+        if self.fallback_parameters:
+            reasons = dict(self.engine.capture.unsupported)
+            shown = ", ".join(self.fallback_parameters[:10])
+            more = len(self.fallback_parameters) - 10
+            warnings.warn(
+                f"SPNGD: {len(self.fallback_parameters)} parameter(s) have no Fisher block and "
+                f"get plain momentum SGD: {shown}{f' and {more} more' if more > 0 else ''}"
+                + (f" ({'; '.join(sorted(set(reasons.values())))})" if reasons else ""),
+                stacklevel=2,
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ Fisher
+    def statistics_due(self) -> bool:
+        """Whether this step records curvature statistics (an MC backward is useful)."""
+        return self.engine.statistics_due()
+
+    def mc_backward(self, outputs: Tensor, loss: str = "cross_entropy") -> None:
+        """One Monte Carlo Fisher backward from ``outputs`` (``fisher="mc"`` only).
+
+        Samples one label per example from the model's predictive distribution
+        (categorical for ``"cross_entropy"`` on logits of shape (N, C) or (N, ..., C);
+        unit-variance Gaussian for ``"mse"``) and backpropagates the summed negative
+        log-likelihood, feeding only the curvature statistics (no ``.grad`` is touched).
+        Call it before ``loss.backward()``; it does nothing on steps with no statistic due.
+        """
+        if self.engine.capture.fisher != "mc":
+            raise ValueError("mc_backward needs SPNGD(..., fisher='mc')")
+        loss = check_choice("loss", loss, _MC_LOSSES)
+        if not self.statistics_due():
+            return
+        if not outputs.requires_grad:
+            raise ValueError("mc_backward needs the model outputs with their autograd graph")
+        with torch.no_grad():
+            detached = outputs.detach().float()
+            if loss == "cross_entropy":
+                logits = detached.reshape(-1, detached.shape[-1])
+                sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+            else:
+                sampled_y = detached + torch.randn_like(detached)
+        if loss == "cross_entropy":
+            nll = F.cross_entropy(
+                outputs.reshape(-1, outputs.shape[-1]).float(), sampled, reduction="sum"
+            )
+        else:
+            nll = 0.5 * (outputs.float() - sampled_y).square().sum()
+        leaves = [p for b in self._blocks for p in b.params]
+        with self.engine.capture.monte_carlo():
+            torch.autograd.grad(nll, leaves, retain_graph=True, allow_unused=True)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError("SPNGD does not support sparse gradients")
+        grads: dict[Tensor, Tensor] = {p: cast(Tensor, p.grad) for p in params}
+        if not _all_finite(list(grads.values())):
+            return self._nonfinite("gradient", loss)
+        self.last_report = self.engine.refresh(self._damping_of)
+        directions = self.engine.precondition(grads)
+        for p, g in grads.items():
+            directions.setdefault(p, g)
+        if not _all_finite(list(directions.values())):
+            return self._nonfinite("preconditioned gradient", loss)
+        scale = self._kl_scale(directions, grads)
+        self._update(directions, scale)
+        self.engine.advance()
+        return loss
+
+    def _damping_of(self, block: Block) -> float:
+        return float(self._group_of[block.params[0]]["damping"])
+
+    def _nonfinite(self, what: str, loss: Any) -> Any:
+        message = f"SPNGD got a non-finite {what} (NaN or Inf); parameters are left unchanged"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + " (nonfinite='raise')")
+        self.skipped_steps += 1
+        warnings.warn(message + "; the step was skipped (nonfinite='skip')", stacklevel=3)
+        self.engine.capture.arm(self.engine.capture.armed)  # drop this step's statistics
+        return loss
+
+    def _kl_scale(self, directions: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> float:
+        if self.kl_clip is None:
+            return 1.0
+        total = 0.0
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            ps = [p for p in group["params"] if p in grads]
+            if ps:
+                dots = torch._foreach_mul([directions[p] for p in ps], [grads[p] for p in ps])
+                total += lr * lr * float(sum(float(t.sum()) for t in dots))
+        if total <= 0.0 or not math.isfinite(total):
+            return 1.0
+        return min(1.0, math.sqrt(self.kl_clip / total))
+
+    def _update(self, directions: dict[Tensor, Tensor], scale: float) -> None:
+        rescale_params = {b.params[0] for b in self._blocks if b.kind == "kron"}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p in directions]
+            if not ps:
+                continue
+            lr, m = float(group["lr"]), float(group["momentum"])
+            wd = float(group["weight_decay"])
+            ds = [directions[p] for p in ps]
+            if scale != 1.0:
+                ds = list(torch._foreach_mul(ds, scale))
+            if wd:
+                ds = list(torch._foreach_add(ds, ps, alpha=wd))
+            if m:
+                prev_lr = group.get("_spngd_prev_lr", lr)
+                bufs = []
+                for p, d in zip(ps, ds, strict=True):
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().to(_state_dtype(p), copy=True)
+                    else:
+                        buf.mul_(m * (lr / prev_lr) if prev_lr else m).add_(d)
+                    bufs.append(buf)
+                ds = bufs
+                group["_spngd_prev_lr"] = lr
+            torch._foreach_add_(ps, ds, alpha=-lr)
+            if group["weight_rescale"]:
+                targets = [p for p in ps if p in rescale_params]
+                if targets:
+                    norms = torch._foreach_norm(targets)
+                    for p, norm in zip(targets, norms, strict=True):
+                        cap = math.sqrt(2.0 * p.shape[0])
+                        if float(norm) > cap:
+                            p.mul_(cap / float(norm))
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["curvature"] = self.engine.state_dict()
+        sd["spngd"] = {"skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature", None)
+        extra = state_dict.pop("spngd", {})
+        if curvature is None:
+            raise ValueError(
+                "SPNGD state_dict has no 'curvature' entry (saved by another optimizer?)"
+            )
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # super() casts state to each parameter's dtype; momentum stays float32 for bf16/fp16
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params, strict=True):
+            buf = saved_state.get(i, {}).get("momentum_buffer")
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf.to(p.device, _state_dtype(p), copy=True)
+        self.engine.load_state_dict(curvature)
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    @property
+    def refresh_fraction(self) -> float:
+        """Fraction of (statistic, step) pairs refreshed so far."""
+        return self.engine.schedule.refresh_fraction
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    check_number("lr", group["lr"], low=0.0)
+    check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    check_number("damping", group["damping"], low=0.0, low_open=True)
+    check_number("weight_decay", group["weight_decay"], low=0.0)
+    if not isinstance(group["weight_rescale"], bool):
+        raise ValueError(f"weight_rescale must be True or False, got {group['weight_rescale']!r}")

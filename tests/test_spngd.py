@@ -1,0 +1,376 @@
+"""SPNGD: natural-gradient directions against dense float64 solves, accumulation, resume,
+robustness of the hooks, the Monte Carlo Fisher, bad input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from bigbatch import NLCG, SPNGD, KFACPreconditioner, StalenessConfig
+from bigbatch.curvature.linalg import kron_damping
+
+torch.set_default_dtype(torch.float32)
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+
+
+def data(n: int = 16, seed: int = 1, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+def per_sample_factors(model: nn.Sequential, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(A, G) of each Linear from per-sample autograd: A = mean a a^T, G = mean g g^T."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    a_list: list[list[Tensor]] = [[] for _ in linears]
+    g_list: list[list[Tensor]] = [[] for _ in linears]
+    for i in range(len(x)):
+        outs: list[Tensor] = []
+        h = x[i : i + 1]
+        for m in model:
+            if isinstance(m, nn.Linear):
+                a_list[linears.index(m)].append(
+                    torch.cat([h[0].detach(), torch.ones(1, dtype=h.dtype)])
+                )
+                h = m(h)
+                h.retain_grad()
+                outs.append(h)
+            else:
+                h = m(h)
+        F.cross_entropy(h, y[i : i + 1]).backward()
+        for j, out in enumerate(outs):
+            assert out.grad is not None
+            g_list[j].append(out.grad[0].detach().clone())
+    model.zero_grad()
+    return [
+        (torch.stack(a).T @ torch.stack(a) / len(x), torch.stack(g).T @ torch.stack(g) / len(x))
+        for a, g in zip(a_list, g_list, strict=True)
+    ]
+
+
+def one_step_directions(
+    opt: Any, model: nn.Module, x: Tensor, y: Tensor, **step: Any
+) -> list[Tensor]:
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step(**step)
+    return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.1])
+def test_direction_equals_dense_damped_kronecker_solve(lam: float) -> None:
+    model = mlp()
+    x, y = data()
+    factors = per_sample_factors(model, x, y)
+    F.cross_entropy(model(x), y).backward()
+    grads = [
+        (m.weight.grad.clone(), m.bias.grad.clone()) for m in model if isinstance(m, nn.Linear)
+    ]
+    model.zero_grad()
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=lam, staleness=False)
+    got = one_step_directions(opt, model, x, y)
+    for j, ((a, g), (gw, gb)) in enumerate(zip(factors, grads, strict=True)):
+        da, dg = kron_damping(a, g, lam)
+        mat = torch.cat([gw, gb[:, None]], dim=1).numpy()
+        dense = np.kron(
+            (a + da * torch.eye(len(a), dtype=a.dtype)).numpy(),
+            (g + dg * torch.eye(len(g), dtype=g.dtype)).numpy(),
+        )
+        vec = np.linalg.solve(dense, mat.reshape(-1, order="F"))
+        expected = vec.reshape(mat.shape, order="F")
+        np.testing.assert_allclose(got[2 * j].numpy(), expected[:, :-1], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got[2 * j + 1].numpy(), expected[:, -1], rtol=1e-9, atol=1e-12)
+        # the preconditioning did something: the direction is not the raw gradient
+        assert not np.allclose(expected[:, :-1], gw.numpy(), rtol=0.1)
+
+
+def test_nlcg_kfac_first_direction_equals_natural_gradient() -> None:
+    x, y = data()
+    model_a, model_b = mlp(), mlp()
+    spngd = SPNGD(model_a, lr=1.0, momentum=0.0, damping=0.01, staleness=False)
+    nlcg = NLCG(
+        model_b.parameters(),
+        lr=1.0,
+        step_control="off",
+        preconditioner=KFACPreconditioner(model_b, damping=0.01, staleness=False),
+    )
+    want = one_step_directions(spngd, model_a, x, y)
+    got = one_step_directions(nlcg, model_b, x, y)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_micro_batch_accumulation_equals_full_batch() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(32, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (32,))
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 64, 4)
+        ).double()
+
+    full, micro = net(), net()
+    opt_full = SPNGD(full, lr=0.3, damping=1e-2)
+    opt_micro = SPNGD(micro, lr=0.3, damping=1e-2)
+    for _ in range(4):
+        opt_full.zero_grad()
+        F.cross_entropy(full(x), y).backward()
+        opt_full.step()
+        opt_micro.zero_grad()
+        for part in range(4):
+            sl = slice(8 * part, 8 * part + 8)
+            (F.cross_entropy(micro(x[sl]), y[sl]) / 4).backward()
+        opt_micro.step()
+    for p, q in zip(full.parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    for k, v in opt_full.engine.stats.items():
+        torch.testing.assert_close(opt_micro.engine.stats[k], v, rtol=1e-10, atol=1e-12)
+
+
+def cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 10),
+        nn.LayerNorm(10),
+    )
+
+
+def images(n: int = 24, seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def train(model: nn.Module, opt: SPNGD, batches: list[tuple[Tensor, Tensor]]) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_resume_equals_uninterrupted() -> None:
+    batches = [images(seed=s) for s in range(12)]
+
+    def fresh() -> tuple[nn.Module, SPNGD]:
+        model = cnn()
+        stale = StalenessConfig(threshold=1.0)  # random batches: let intervals grow anyway
+        return model, SPNGD(
+            model, lr=0.05, damping=1e-2, weight_decay=1e-4, kl_clip=1e-2, staleness=stale
+        )
+
+    model_a, opt_a = fresh()
+    train(model_a, opt_a, batches)
+    model_b, opt_b = fresh()
+    train(model_b, opt_b, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"m": model_b.state_dict(), "o": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = fresh()
+    model_c.load_state_dict(ckpt["m"])
+    opt_c.load_state_dict(ckpt["o"])
+    train(model_c, opt_c, batches[5:])
+    for p, q in zip(model_a.parameters(), model_c.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt_a.engine.schedule.state_dict() == opt_c.engine.schedule.state_dict()
+    assert opt_a.refresh_fraction < 1.0  # stale statistics were in play
+
+
+def test_all_supported_layers_are_blocks_and_unsupported_are_listed_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 4), nn.PReLU(), nn.Linear(4, 2)
+    )
+    with pytest.warns(UserWarning, match=r"3 parameter\(s\) have no Fisher block") as record:
+        opt = SPNGD(model, lr=0.1)
+    assert len(record) == 1
+    assert opt.fallback_parameters == ["0.weight", "0.bias", "3.weight"]
+    assert set(opt.engine.blocks) == {"2", "4"}
+    x = torch.randn(8, 1, 10)
+    before = model[3].weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
+    opt.step()
+    assert not torch.equal(before, model[3].weight)  # the fallback parameter trained
+
+
+def test_inplace_activation_weight_sharing_and_autocast_are_captured() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = shared
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu_(self.shared(x))  # in-place right after the layer
+            h = torch.relu_(self.shared(h))  # the same module twice
+            return self.head(h)
+
+    model = Net()
+    opt = SPNGD(model, lr=0.1, damping=1e-2, staleness=False)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+    assert set(opt.last_report.refreshed) == {"shared.A", "shared.G", "head.A", "head.G"}
+    a = opt.engine.stats["shared.A"]
+    assert a.dtype == torch.float32
+    # two calls per sample: A = (1/N) sum over both calls of a a^T; its bias corner is 2
+    assert float(a[-1, -1]) == pytest.approx(2.0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_hooks_that_never_fire_are_reported_by_name() -> None:
+    torch.manual_seed(0)
+    layer, head = nn.Linear(4, 4), nn.Linear(4, 2)
+    model = nn.ModuleDict({"layer": layer, "head": head})
+    opt = SPNGD(model, lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt.zero_grad()
+    out = head(F.linear(x, layer.weight, layer.bias))  # `layer` used functionally
+    F.cross_entropy(out, y).backward()
+    with pytest.warns(UserWarning, match="'layer'.*hooks did not fire"):
+        opt.step()
+    assert "layer.A" in opt.last_report.missing
+    assert "head.A" in opt.last_report.refreshed
+
+
+def test_rank_deficient_factors_and_tiny_batches_stay_finite() -> None:
+    model = cnn()
+    opt = SPNGD(model, lr=0.5, damping=1e-6, staleness=False)
+    x, y = images(n=2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_gradient_changes_nothing(policy: str) -> None:
+    model = cnn()
+    opt = SPNGD(model, lr=0.1, nonfinite=policy)
+    train(model, opt, [images()])
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(images()[0]), images()[1]).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            opt.step()
+    else:
+        with pytest.warns(UserWarning, match="non-finite gradient"):
+            opt.step()
+        assert opt.skipped_steps == 1
+    for b, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(b, p)
+    for m, p in zip(momentum, model.parameters(), strict=True):
+        assert torch.equal(m, opt.state[p]["momentum_buffer"])
+
+
+def test_monte_carlo_fisher_matches_exact_fisher_in_expectation() -> None:
+    # Softmax regression: the exact (type-2) Fisher's G of the layer is
+    # mean_i (diag(p_i) - p_i p_i^T); the MC estimate must average to it.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    opt = SPNGD(model, lr=0.0, momentum=0.0, fisher="mc", staleness=False)
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+        exact = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    estimates = []
+    for _ in range(300):
+        opt.zero_grad()
+        out = model(x)
+        opt.mc_backward(out)
+        F.cross_entropy(out, torch.zeros(64, dtype=torch.long)).backward()
+        opt.step()
+        estimates.append(opt.engine.stats["Linear.G"])
+    mean = torch.stack(estimates).mean(0)
+    rel = float(torch.linalg.norm(mean - exact) / torch.linalg.norm(exact))
+    assert rel < 0.05, rel
+    # a single sample is noisy: the average is what converges
+    single = float(torch.linalg.norm(estimates[0] - exact) / torch.linalg.norm(exact))
+    assert single > rel
+
+
+def test_mc_fisher_without_mc_backward_is_reported() -> None:
+    model = mlp()
+    opt = SPNGD(model, lr=0.1, fisher="mc")
+    x, y = data()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="mc_backward"):
+        opt.step()
+    with pytest.raises(ValueError, match="fisher='mc'"):
+        SPNGD(mlp(), lr=0.1).mc_backward(model(x))
+
+
+def test_damping_change_triggers_reinversion_and_weight_rescale_caps_norm() -> None:
+    model = mlp(dtype=torch.float32)
+    opt = SPNGD(model, lr=0.1, damping=1e-2, weight_rescale=True)
+    x, y = data(dtype=torch.float32)
+    train_mlp = [(x, y)] * 3
+    for xb, yb in train_mlp:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    for group in opt.param_groups:
+        group["damping"] = 0.5
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert set(opt.last_report.inverted) == {"0", "2"}
+    assert float(model[0].weight.norm()) <= (2 * 4) ** 0.5 + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"damping": 0.0}, "damping"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"kl_clip": 0.0}, "kl_clip"),
+        ({"fisher": "exact"}, "fisher"),
+        ({"staleness": "yes"}, "staleness"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"weight_rescale": 1}, "weight_rescale"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(kwargs: dict[str, Any], name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=name):
+            SPNGD(mlp(), **kwargs)
+
+
+def test_model_must_be_a_module() -> None:
+    with pytest.raises(ValueError, match="nn.Module"):
+        SPNGD(list(mlp().parameters()))  # type: ignore[arg-type]

@@ -235,17 +235,8 @@ class SPNGD(Optimizer):
             if wd:
                 ds = list(torch._foreach_add(ds, ps, alpha=wd))
             if m:
-                prev_lr = group.get("_spngd_prev_lr", lr)
-                bufs = []
-                for p, d in zip(ps, ds, strict=True):
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().to(_state_dtype(p), copy=True)
-                    else:
-                        buf.mul_(m * (lr / prev_lr) if prev_lr else m).add_(d)
-                    bufs.append(buf)
-                ds = bufs
+                prev_lr = float(group.get("_spngd_prev_lr", lr))
+                ds = self._momentum(ps, ds, m * (lr / prev_lr) if prev_lr else m)
                 group["_spngd_prev_lr"] = lr
             torch._foreach_add_(ps, ds, alpha=-lr)
             if group["weight_rescale"]:
@@ -256,6 +247,24 @@ class SPNGD(Optimizer):
                         cap = math.sqrt(2.0 * p.shape[0])
                         if float(norm) > cap:
                             p.mul_(cap / float(norm))
+
+    def _momentum(self, ps: list[Tensor], ds: list[Tensor], factor: float) -> list[Tensor]:
+        """``buf = factor * buf + d`` (``buf = d`` on first use), float32 for low precision."""
+        bufs: list[Tensor] = []
+        fresh: list[tuple[Tensor, Tensor]] = []
+        for p, d in zip(ps, ds, strict=True):
+            buf = self.state[p].get("momentum_buffer")
+            if buf is None:
+                fresh.append((p, d))
+            else:
+                bufs.append(buf)
+        if bufs:
+            old = [d for p, d in zip(ps, ds, strict=True) if "momentum_buffer" in self.state[p]]
+            torch._foreach_mul_(bufs, factor)
+            torch._foreach_add_(bufs, old)
+        for p, d in fresh:
+            self.state[p]["momentum_buffer"] = d.detach().to(_state_dtype(p), copy=True)
+        return [self.state[p]["momentum_buffer"] for p in ps]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -441,3 +441,35 @@ def test_hooked_factors_match_curvlinops_for_empirical_and_mc_fisher() -> None:
         exact = g_cl / p
         rel = float(torch.linalg.norm(sums[name] - exact) / torch.linalg.norm(exact))
         assert rel < 0.06, (name, rel)
+
+
+def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
+    from bigbatch.curvature.layers import kronecker_precondition
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 2),
+    ).double()
+    opt = SPNGD(model, lr=0.1, staleness=False)
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 2, (20,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    grads = {p: torch.randn_like(p) for p in model.parameters()}
+    got = opt.engine.precondition(grads)
+    for name in ("0", "2", "4", "6"):
+        layer = model[int(name)]
+        mat = torch.cat([grads[layer.weight], grads[layer.bias][:, None]], dim=1)
+        want = kronecker_precondition(
+            mat, opt.engine.inverses[f"{name}.A"], opt.engine.inverses[f"{name}.G"]
+        )
+        torch.testing.assert_close(got[layer.weight], want[:, :-1])
+        torch.testing.assert_close(got[layer.bias], want[:, -1])
+    assert len(opt.engine._stack_cache) == 1  # the three 6x6 layers share one batch

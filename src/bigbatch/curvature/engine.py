@@ -65,6 +65,7 @@ class KFACEngine:
         self.damping_used: dict[str, float] = {}
         self.step = 0
         self._warned_missing: set[str] = set()
+        self._stack_cache: dict[tuple[Any, ...], tuple[tuple[str, ...], Tensor, Tensor]] = {}
         self.capture.arm(self.schedule.due_names(0))
 
     @property
@@ -129,6 +130,8 @@ class KFACEngine:
             named[f"{block.name}.G"], damping[f"{block.name}.G"] = g, dg
         if named:
             self.inverses.update(self.inverter.invert(named, damping))
+        if blocks:
+            self._stack_cache.clear()
         for block in blocks:
             self.damping_used[block.name] = damping_of(block)
 
@@ -158,23 +161,22 @@ class KFACEngine:
         """Natural-gradient directions ``F^-1 g`` for the parameters of ready blocks.
 
         ``grads`` maps parameters to gradients of their shape; parameters of blocks without
-        inverses yet, or not in a block, are absent from the result.
+        inverses yet, or not in a block, are absent from the result. Kronecker blocks of the
+        same shape are preconditioned together with batched matmuls.
         """
         out: dict[Tensor, Tensor] = {}
+        same_shape: dict[tuple[Any, ...], list[Block]] = {}
         for block in self.blocks.values():
             if not self.ready(block) or any(p not in grads for p in block.params):
                 continue
             gs = [grads[p] for p in block.params]
             name = block.name
             if block.kind == "kron":
-                mat = _grad_matrix(gs)
-                pre = L.kronecker_precondition(
-                    mat.to(self.inverses[f"{name}.A"].dtype),
-                    self.inverses[f"{name}.A"],
-                    self.inverses[f"{name}.G"],
-                )
-                results = _split_matrix(pre, gs)
-            elif block.kind == "embedding":
+                a_inv, g_inv = self.inverses[f"{name}.A"], self.inverses[f"{name}.G"]
+                key = (tuple(a_inv.shape), tuple(g_inv.shape), a_inv.dtype, len(gs))
+                same_shape.setdefault(key, []).append(block)
+                continue
+            if block.kind == "embedding":
                 pre = L.embedding_precondition(
                     gs[0].to(self.inverses[f"{name}.G"].dtype),
                     self.inverses[f"{name}.A"],
@@ -188,7 +190,27 @@ class KFACEngine:
                 results = [pw.view_as(gs[0]), pb.view_as(gs[1])]
             for p, r in zip(block.params, results, strict=True):
                 out[p] = r.to(grads[p].dtype)
+        for key, blocks in same_shape.items():
+            a_stack, g_stack = self._stacked_inverses(key, blocks)
+            mats = torch.stack(
+                [_grad_matrix([grads[p] for p in b.params]).to(a_stack.dtype) for b in blocks]
+            )
+            pre = torch.matmul(torch.matmul(g_stack, mats), a_stack)
+            for block, mat in zip(blocks, pre, strict=True):
+                gs = [grads[p] for p in block.params]
+                for p, r in zip(block.params, _split_matrix(mat, gs), strict=True):
+                    out[p] = r.to(grads[p].dtype)
         return out
+
+    def _stacked_inverses(self, key: tuple[Any, ...], blocks: list[Block]) -> tuple[Tensor, Tensor]:
+        """A^-1 and G^-1 of same-shaped blocks as batches, cached until the next inversion."""
+        names = tuple(b.name for b in blocks)
+        cached = self._stack_cache.get(key)
+        if cached is None or cached[0] != names:
+            a = torch.stack([self.inverses[f"{n}.A"] for n in names])
+            g = torch.stack([self.inverses[f"{n}.G"] for n in names])
+            cached = self._stack_cache[key] = (names, a, g)
+        return cached[1], cached[2]
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -214,6 +236,7 @@ class KFACEngine:
         self.damping_used = {k: float(v) for k, v in state["damping_used"].items()}
         self.schedule.load_state_dict(state["schedule"])
         self.inverter.load_state_dict(state["inverter"])
+        self._stack_cache.clear()
         self.capture.arm(self.schedule.due_names(self.step))
 
 

@@ -472,4 +472,5 @@ def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
         )
         torch.testing.assert_close(got[layer.weight], want[:, :-1])
         torch.testing.assert_close(got[layer.bias], want[:, -1])
-    assert len(opt.engine._stack_cache) == 1  # the three 6x6 layers share one batch
+    batches = sorted(names for names, _, _ in opt.engine._stack_cache.values())
+    assert batches == [("0", "2", "4"), ("6",)]  # the three 6x6 layers share one batch

@@ -474,3 +474,44 @@ def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
         torch.testing.assert_close(got[layer.bias], want[:, -1])
     batches = sorted(names for names, _, _ in opt.engine._stack_cache.values())
     assert batches == [("0", "2", "4"), ("6",)]  # the three 6x6 layers share one batch
+
+
+def test_embedding_and_layernorm_blocks_train_a_sequence_model() -> None:
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(12, 6, padding_idx=0)
+            self.norm = nn.LayerNorm(6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, idx: Tensor) -> Tensor:
+            return self.out(self.norm(self.emb(idx)))
+
+    model = Tagger().double()
+    opt = SPNGD(model, lr=0.2, damping=1e-2)
+    assert {b.kind for b in opt.engine.blocks.values()} == {"embedding", "unitwise", "kron"}
+    idx = torch.randint(0, 12, (32, 5))
+    tags = (idx % 3).reshape(-1)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(idx).reshape(-1, 3), tags)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    # the embedding block: diag(A + da)^-1 grad (G + dg)^-1 with A the index frequencies
+    a, g = opt.engine.stats["emb.A"], opt.engine.stats["emb.G"]
+    counts = torch.bincount(idx.reshape(-1), minlength=12).double() / 32
+    counts[0] = 0.0  # padding_idx gets no count
+    torch.testing.assert_close(a, counts)
+    lam = 1e-2
+    pi = float(torch.sqrt(a.mean() / torch.diagonal(g).mean()))
+    da, dg = pi * lam**0.5, lam**0.5 / pi
+    grad = torch.randn(12, 6, dtype=torch.float64)
+    got = opt.engine.precondition({model.emb.weight: grad})[model.emb.weight]
+    want = torch.linalg.solve(g + dg * torch.eye(6, dtype=torch.float64), grad.T).T
+    want = want / (a + da)[:, None]
+    torch.testing.assert_close(got, want)

@@ -228,6 +228,8 @@ class CurvatureCapture:
             sums.rows += x.numel()
             if want_a:
                 counts = L.embedding_input_sum(x, module.num_embeddings, module.padding_idx)
+                if module.weight.dtype == torch.float64:  # statistics follow G's precision
+                    counts = counts.double()
                 sums.a_sum = _add(sums.a_sum, counts)
             hook = partial(self._on_output_grad, sums, -1)
         elif isinstance(module, _NORMS):

@@ -219,9 +219,10 @@ class CurvatureCapture:
                 sums.a_sum = _add(sums.a_sum, L.linear_input_sum(x, has_bias))
             hook = partial(self._on_output_grad, sums, -1)
         elif block.kind == "kron" and isinstance(module, nn.Conv2d):
-            a_sum, positions = L.conv2d_input_sum(x, module, len(block.params) == 2)
+            positions = int(output.shape[-1] * output.shape[-2])
             sums.rows += int(x.shape[0]) * positions
-            if want_a:
+            if want_a:  # the im2col reduction is the expensive part: only when A is due
+                a_sum, _ = L.conv2d_input_sum(x, module, len(block.params) == 2)
                 sums.a_sum = _add(sums.a_sum, a_sum)
             hook = partial(self._on_output_grad, sums, 1)
         elif block.kind == "embedding" and isinstance(module, nn.Embedding):

@@ -83,7 +83,6 @@ import random
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -98,6 +97,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bigbatch
+from machine import cpu_model, git_revision
 from models import MODEL_SPECS, ModelSpec
 
 try:  # the peer K-FAC (PyPI "asdfghjkl"); optional
@@ -751,34 +751,6 @@ def print_table(result: dict[str, Any]) -> None:
         f"process peak RSS so far {result['peak_rss_mib_after']:.0f} MiB",
         flush=True,
     )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_revision() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
 
 
 def _available_cpus() -> int | None:

@@ -1,0 +1,176 @@
+"""The ``bigbatch`` command: ``train``, ``compare`` and ``sweep``.
+
+Configuration comes from the defaults, then an optional TOML/YAML file (``--config``), then
+the shortcut flags, then ``--set section.key=value`` overrides (last wins). Errors in the
+configuration, the data or a checkpoint print one message naming the problem and exit with
+status 2; Ctrl-C saves a checkpoint and exits with 130 (continue with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bigbatch.train.checkpoint import CheckpointError
+from bigbatch.train.config import Config, ConfigError, load_config
+from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
+from bigbatch.train.interrupt import TrainingInterrupted
+from bigbatch.train.models import MODEL_NAMES
+from bigbatch.train.optimizers import OPTIMIZERS
+
+__all__ = ["main"]
+
+EPILOG = (
+    "Configuration: defaults < --config file < flags < --set overrides. "
+    f"Datasets: {', '.join(DATASET_NAMES)}. Models: {', '.join(MODEL_NAMES)}. "
+    f"Optimizers: {', '.join(OPTIMIZERS)}."
+)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with config sections")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.epochs=5 (repeatable)",
+    )
+    parser.add_argument("--data-dir", help="folder with the dataset (sets data.data_dir)")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset from its official source if no copy is found (checked)",
+    )
+    parser.add_argument("--dataset", help=f"dataset name ({', '.join(DATASET_NAMES)})")
+    parser.add_argument("--model", help=f"model name ({', '.join(MODEL_NAMES)})")
+    parser.add_argument("--epochs", type=float, help="training epochs per run")
+    parser.add_argument("--batch-size", type=int, help="effective (global) batch size")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="samples per forward/backward (0: whole batch, -1: automatic)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the weights and the data order")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in --out"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigbatch",
+        description="Train, compare optimizers and sweep batch sizes for large-batch training.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="one run from a config file plus overrides", epilog=EPILOG)
+    _common(train, "runs/train")
+    train.add_argument("--optimizer", help="optimizer name (sets optimizer.name)")
+    train.add_argument("--lr", type=float, help="peak learning rate (sets optimizer.lr)")
+    compare = sub.add_parser(
+        "compare",
+        help="several optimizers, each over a small lr grid: a table and a plot",
+        epilog=EPILOG,
+    )
+    _common(compare, "runs/compare")
+    compare.add_argument(
+        "--optimizers", help="comma-separated optimizer names (sets compare.optimizers)"
+    )
+    sweep = sub.add_parser(
+        "sweep", help="optimizers x batch sizes: steps to target against batch", epilog=EPILOG
+    )
+    _common(sweep, "runs/sweep")
+    sweep.add_argument("--optimizers", help="comma-separated optimizer names")
+    sweep.add_argument("--batch-sizes", help="comma-separated batch sizes (sets sweep.batch_sizes)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = {
+        "data.data_dir": args.data_dir,
+        "data.name": args.dataset,
+        "model.name": args.model,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.micro_batch_size": args.micro_batch_size,
+        "train.seed": args.seed,
+        "optimizer.name": getattr(args, "optimizer", None),
+        "optimizer.lr": getattr(args, "lr", None),
+    }
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.download:
+        out.append("data.download=true")
+    if args.no_progress:
+        out.append("train.progress=never")
+    if getattr(args, "optimizers", None):
+        out.append(f"compare.optimizers=[{args.optimizers}]")
+    if getattr(args, "batch_sizes", None):
+        out.append(f"sweep.batch_sizes=[{args.batch_sizes}]")
+    return out + list(args.overrides)
+
+
+def _load(cfg: Config) -> ImageDataset:
+    d = cfg.data
+    return load_dataset(d.name, d.data_dir, download=d.download, cache_dir=d.cache_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bigbatch`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    command = "bigbatch " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    try:
+        cfg = load_config(args.config, _overrides(args))
+        dataset = _load(cfg)
+        _say(
+            f"data: {dataset.name} from {dataset.source} "
+            f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
+        )
+        return _run(args.command, cfg, dataset, args.out, args.resume, command)
+    except (ConfigError, DatasetError, CheckpointError) as exc:
+        print(f"bigbatch: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(f"\nbigbatch: {exc}; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+def _run(
+    command: str, cfg: Config, dataset: ImageDataset, out: Path, resume: bool, line: str
+) -> int:
+    from bigbatch.train.experiments import run_compare, run_sweep
+    from bigbatch.train.loop import TrainingRun
+    from bigbatch.train.report import write_compare, write_sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    if command == "train":
+        result = TrainingRun(cfg, dataset, out).run(resume=resume)
+        _say(
+            f"{result.status}: {result.steps} steps, final test accuracy "
+            f"{result.last('test_acc'):.4f}, best {result.best('test_acc'):.4f}; "
+            f"metrics in {out / 'metrics.jsonl'}, checkpoint in {out / 'checkpoint.pt'}"
+        )
+        return 0 if result.status == "finished" else 1
+    if command == "compare":
+        choices = run_compare(cfg, dataset, out, resume=resume, say=_say)
+        md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset.name)
+    else:
+        choices = run_sweep(cfg, dataset, out, resume=resume, say=_say)
+        md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset.name)
+    _say("\n" + table)
+    _say(f"table: {md}\nplot:  {png}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

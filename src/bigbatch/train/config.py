@@ -1,0 +1,262 @@
+"""Typed configuration of the harness: sections, defaults, validation, files and overrides.
+
+One :class:`Config` describes everything a run, a comparison or a sweep needs. It is loaded
+from a TOML or YAML file (:func:`load_config`), changed with ``section.key=value`` overrides
+from the command line (:func:`apply_overrides`), and validated by pydantic: an unknown key
+or a value out of range raises :class:`ConfigError`, whose message names the key (for
+example ``train.batch_size: Input should be greater than 0``).
+
+Not here: what the values mean for training (``loop.py``), how optimizers are built from
+them (``optimizers.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "CompareConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RecipeConfig",
+    "ScheduleConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_mapping",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    """Which dataset, where it is, and how much of the training set is held out."""
+
+    name: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    cache_dir: str | None = None
+    #: Images held out of the training set (the last ones of a seeded permutation) to pick
+    #: learning rates on; 0 picks on the test set (say so in any report).
+    validation_size: int = Field(default=5000, ge=0)
+
+
+class ModelConfig(_Section):
+    name: str = "cnn"
+    width: int | None = Field(default=None, gt=0)
+
+
+class OptimizerConfig(_Section):
+    """One optimizer. ``options`` go to its constructor unchanged (and are checked there)."""
+
+    name: str = "momentum"
+    lr: float = Field(default=0.1, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule, evaluated every step: linear warm-up, then a decay."""
+
+    kind: Literal["constant", "polynomial", "step", "cosine"] = "cosine"
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    power: float = Field(default=2.0, gt=0)
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = Field(default=0.1, gt=0)
+    final_factor: float = Field(default=0.0, ge=0, le=1)
+
+
+class RecipeConfig(_Section):
+    """Large-batch regularisation: targets, mixing, augmentation, weight averaging."""
+
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    running_mixup: bool = False
+    crop_padding: int = Field(default=0, ge=0)
+    flip: bool = False
+    random_erasing: float = Field(default=0.0, ge=0, le=1)
+    #: Exponential moving average of the weights used for evaluation; 0 switches it off.
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """The budget and the bookkeeping of one run."""
+
+    seed: int = Field(default=0, ge=0)
+    epochs: float = Field(default=10.0, gt=0)
+    batch_size: int = Field(default=8192, gt=0)
+    #: Samples per forward/backward; the batch is accumulated over batch/micro_batch_size
+    #: micro-batches. 0 = the whole batch at once; -1 = chosen automatically from memory.
+    micro_batch_size: int = Field(default=0, ge=-1)
+    #: Evaluate every this many steps; 0 = once per epoch (and always at the end).
+    eval_every: int = Field(default=0, ge=0)
+    #: Checkpoint every this many steps; 0 = only at the end (and on Ctrl-C).
+    checkpoint_every: int = Field(default=0, ge=0)
+    #: Test accuracy whose first crossing is reported as "steps to target".
+    target_accuracy: float = Field(default=0.9, gt=0, le=1)
+    threads: int | None = Field(default=None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: Literal["auto", "always", "never"] = "auto"
+    tensorboard: bool = False
+    #: Stop a run whose training loss exceeds this multiple of its first loss (or is NaN).
+    divergence_factor: float = Field(default=10.0, gt=1)
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainConfig:
+        m = self.micro_batch_size
+        if m > 0 and self.batch_size % m != 0:
+            raise ValueError(
+                f"train.micro_batch_size ({m}) must divide train.batch_size "
+                f"({self.batch_size}); use 0 for the whole batch or -1 for automatic"
+            )
+        return self
+
+
+class CompareConfig(_Section):
+    """``bigbatch compare``: optimizers, each with its own learning-rate grid and options."""
+
+    optimizers: tuple[str, ...] = ("momentum", "lars", "nlcg", "spngd")
+    #: Learning-rate grid per optimizer; an optimizer without an entry uses its default grid.
+    lrs: dict[str, tuple[float, ...]] = Field(default_factory=dict)
+    #: Constructor options per optimizer, on top of the registry's defaults.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: How the best learning rate of each optimizer is chosen.
+    select_by: Literal["validation", "test"] = "validation"
+
+    @model_validator(mode="after")
+    def _grids_positive(self) -> CompareConfig:
+        if not self.optimizers:
+            raise ValueError("compare.optimizers must name at least one optimizer")
+        for name, grid in self.lrs.items():
+            if not grid or any(lr <= 0 for lr in grid):
+                raise ValueError(f"compare.lrs.{name} must be a non-empty list of lrs > 0")
+        return self
+
+
+class SweepConfig(_Section):
+    """``bigbatch sweep``: steps to target against batch size (benchmark B5)."""
+
+    batch_sizes: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    #: How each optimizer's learning-rate grid moves with the batch (relative to
+    #: train.batch_size): "linear" (x B/B0), "sqrt" (x sqrt(B/B0)) or "none".
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
+
+    @model_validator(mode="after")
+    def _sizes_positive(self) -> SweepConfig:
+        if not self.batch_sizes or any(b <= 0 for b in self.batch_sizes):
+            raise ValueError("sweep.batch_sizes must be a non-empty list of sizes > 0")
+        return self
+
+
+class Config(_Section):
+    """Everything ``bigbatch train``, ``compare`` and ``sweep`` read."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible copy (what checkpoints and reports store)."""
+        out: dict[str, Any] = json.loads(self.model_dump_json())
+        return out
+
+
+def config_from_mapping(data: Mapping[str, Any], *, origin: str = "configuration") -> Config:
+    """Validate a nested mapping; errors name every offending key."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, then apply overrides."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        file = Path(path)
+        origin = str(file)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        data = _read_file(file)
+    return config_from_mapping(apply_overrides(data, overrides), origin=origin)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``section.key=value`` overrides set.
+
+    Values are parsed as YAML scalars/lists (``0.1``, ``true``, ``[0.1, 0.2]``, ``null``);
+    anything else stays a string. Keys are checked later, by validation.
+    """
+    out: dict[str, Any] = json.loads(json.dumps(dict(data)))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+    return out
+
+
+def _read_file(file: Path) -> dict[str, Any]:
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".toml":
+            with file.open("rb") as fh:
+                loaded: Any = tomllib.load(fh)
+        elif suffix in (".yaml", ".yml"):
+            loaded = yaml.safe_load(file.read_text()) or {}
+        else:
+            raise ConfigError(f"config file {file} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {file} is not valid {suffix[1:].upper()}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {file} must hold a table of sections")
+    return loaded
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid {origin}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

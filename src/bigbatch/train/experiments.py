@@ -1,0 +1,175 @@
+"""``compare`` and ``sweep``: grids of runs on shared data, best learning rates, reports.
+
+Every run of a grid gets its own folder (``<out>/<batch>/<optimizer>/lr<lr>/``) with its
+config, metrics, checkpoint and summary; the data are loaded and normalised once and shared.
+Each optimizer's learning rate is chosen by the last validation accuracy (or the last test
+accuracy with ``compare.select_by = "test"``, which the report then says); a diverged run is
+never chosen. With ``resume``, finished runs are read back from their folders, interrupted
+ones continue from their checkpoints, so a long sweep survives interruptions.
+
+Not here: one run (``loop.py``), drawing (``plots.py``), tables (``report.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigbatch.train.batches import Split, prepare_splits
+from bigbatch.train.config import Config, OptimizerConfig
+from bigbatch.train.data import ImageDataset
+from bigbatch.train.loop import RunResult, TrainingRun, resolve_device
+from bigbatch.train.metrics import read_metrics
+from bigbatch.train.optimizers import optimizer_spec
+
+__all__ = ["Choice", "lr_grid", "run_compare", "run_grid", "run_sweep", "scaled_grid"]
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Choice:
+    """One optimizer at one batch size: every run of its grid and the chosen one."""
+
+    optimizer: str
+    batch_size: int
+    runs: list[RunResult]
+    chosen: RunResult | None
+
+
+def lr_grid(cfg: Config, optimizer: str) -> tuple[float, ...]:
+    return cfg.compare.lrs.get(optimizer) or optimizer_spec(optimizer).default_lrs
+
+
+def scaled_grid(cfg: Config, optimizer: str, batch_size: int) -> tuple[float, ...]:
+    ratio = batch_size / cfg.train.batch_size
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.sweep.lr_scaling]
+    return tuple(lr * factor for lr in lr_grid(cfg, optimizer))
+
+
+def _run_config(cfg: Config, optimizer: str, lr: float, batch_size: int) -> Config:
+    base = cfg.optimizer
+    options = cfg.compare.options.get(optimizer, {})
+    opt = OptimizerConfig(name=optimizer, lr=lr, weight_decay=base.weight_decay, options=options)
+    train = cfg.train.model_copy(update={"batch_size": batch_size})
+    return cfg.model_copy(update={"optimizer": opt, "train": train})
+
+
+def _finished(run_dir: Path) -> RunResult | None:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    import json
+
+    data = json.loads(summary.read_text())
+    return RunResult(
+        name=run_dir.name,
+        optimizer=data["optimizer"],
+        lr=data["lr"],
+        batch_size=data["batch_size"],
+        steps=data["steps"],
+        history=read_metrics(run_dir / "metrics.jsonl"),
+        status=data["status"],
+        wall_s=data["wall_s"],
+        micro_batch_size=data.get("micro_batch_size", 0),
+    )
+
+
+def _score(run: RunResult, select_by: str) -> float:
+    if run.status != "finished":
+        return -math.inf
+    value = run.last("val_acc" if select_by == "validation" else "test_acc")
+    return value if math.isfinite(value) else -math.inf
+
+
+def run_grid(
+    cfg: Config,
+    dataset: ImageDataset,
+    out_dir: Path,
+    optimizer: str,
+    batch_size: int,
+    lrs: tuple[float, ...],
+    *,
+    resume: bool,
+    splits: tuple[Split, Split | None, Split],
+    say: Say,
+) -> Choice:
+    """Train ``optimizer`` at ``batch_size`` for every lr; pick the best finished run."""
+    select_by = cfg.compare.select_by
+    if select_by == "validation" and splits[1] is None:
+        select_by = "test"
+    runs: list[RunResult] = []
+    for lr in lrs:
+        run_dir = out_dir / f"b{batch_size}" / optimizer / f"lr{lr:g}"
+        done = _finished(run_dir) if resume else None
+        if done is None:
+            run = TrainingRun(
+                _run_config(cfg, optimizer, lr, batch_size),
+                dataset,
+                run_dir,
+                name=f"{optimizer} lr={lr:g} b={batch_size}",
+                splits=splits,
+            )
+            done = run.run(resume=resume and run.checkpoint_path.is_file())
+        runs.append(done)
+        say(
+            f"  {optimizer:>9} lr={lr:<8g} batch={batch_size:<6} {done.status:>8}  "
+            f"test acc {done.last('test_acc'):.4f}  ({done.wall_s:.0f} s)"
+        )
+    scored = [(r, _score(r, select_by)) for r in runs]
+    best = max(scored, key=lambda rs: rs[1])
+    return Choice(optimizer, batch_size, runs, best[0] if best[1] > -math.inf else None)
+
+
+def run_compare(
+    cfg: Config, dataset: ImageDataset, out_dir: Path, *, resume: bool, say: Say
+) -> list[Choice]:
+    """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid."""
+    for name in cfg.compare.optimizers:
+        optimizer_spec(name)  # fail before any training on a bad name
+    splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
+    started = time.perf_counter()
+    choices = [
+        run_grid(
+            cfg,
+            dataset,
+            out_dir,
+            name,
+            cfg.train.batch_size,
+            lr_grid(cfg, name),
+            resume=resume,
+            splits=splits,
+            say=say,
+        )
+        for name in cfg.compare.optimizers
+    ]
+    runs = sum(len(c.runs) for c in choices)
+    say(f"compare: {runs} runs in {time.perf_counter() - started:.0f} s")
+    return choices
+
+
+def run_sweep(
+    cfg: Config, dataset: ImageDataset, out_dir: Path, *, resume: bool, say: Say
+) -> list[Choice]:
+    """Optimizers x batch sizes, each with its lr grid scaled by ``sweep.lr_scaling``."""
+    for name in cfg.compare.optimizers:
+        optimizer_spec(name)
+    splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
+    return [
+        run_grid(
+            cfg,
+            dataset,
+            out_dir,
+            name,
+            batch,
+            scaled_grid(cfg, name, batch),
+            resume=resume,
+            splits=splits,
+            say=say,
+        )
+        for batch in cfg.sweep.batch_sizes
+        for name in cfg.compare.optimizers
+    ]

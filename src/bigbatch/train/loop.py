@@ -1,0 +1,415 @@
+"""One training run: data order, recipes, accumulation, evaluation, checkpoints, resume.
+
+A run is fully determined by its :class:`~bigbatch.train.config.Config`: the model's
+initial weights come from ``train.seed``; every random choice of a step (batch order,
+augmentation, mixup, dropout, Monte Carlo labels) is drawn from generators seeded by
+(seed, step), so a run resumed from a checkpoint repeats exactly what the uninterrupted run
+would have done (on the CPU; CUDA kernels may differ in the last bits).
+
+A step: the global batch is split into ``batch_size / micro_batch_size`` micro-batches;
+each contributes ``loss * len(micro) / batch_size`` to the gradient (so the sum equals the
+full batch's mean-loss gradient, and SP-NGD's curvature statistics combine the same way);
+then the optimizer steps (NLCG gets the batch loss for its step control), the learning-rate
+schedule advances and the weight average (if any) is updated. A non-finite or exploding
+loss stops the run as "diverged" before anything reaches the weights.
+
+Not here: building models/optimizers/data (their modules), comparing runs (``compare.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from bigbatch.optim import NLCG, SPNGD
+from bigbatch.train.augment import random_crop_flip, random_erasing
+from bigbatch.train.batches import BatchOrder, Split, derive_seed, prepare_splits
+from bigbatch.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bigbatch.train.config import Config
+from bigbatch.train.data import ImageDataset
+from bigbatch.train.ema import make_ema
+from bigbatch.train.evaluate import evaluate
+from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted
+from bigbatch.train.metrics import MetricsLog, read_metrics
+from bigbatch.train.micro_batch import auto_micro_batch
+from bigbatch.train.models import build_model
+from bigbatch.train.optimizers import build_optimizer, optimizer_spec
+from bigbatch.train.schedules import lr_factor_fn
+from bigbatch.train.targets import Mixup, one_hot_smooth, soft_cross_entropy
+
+__all__ = ["RunResult", "TrainingRun", "resolve_device"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: Config keys that may change between a checkpoint and its resumption.
+_RESUMABLE_CHANGES = {
+    "data.data_dir",
+    "data.download",
+    "data.cache_dir",
+    "train.threads",
+    "train.progress",
+    "train.tensorboard",
+    "train.checkpoint_every",
+    "train.device",
+}
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    name: str
+    optimizer: str
+    lr: float
+    batch_size: int
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "finished"  # or "diverged"
+    wall_s: float = 0.0
+    micro_batch_size: int = 0
+
+    def last(self, key: str) -> float:
+        values = [r[key] for r in self.history if r.get(key) is not None]
+        return float(values[-1]) if values else float("nan")
+
+    def best(self, key: str) -> float:
+        values = [r[key] for r in self.history if r.get(key) is not None]
+        return float(max(values)) if values else float("nan")
+
+    def steps_to(self, target: float, key: str = "test_acc") -> int | None:
+        for record in self.history:
+            value = record.get(key)
+            if value is not None and value >= target:
+                return int(record["step"])
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "steps": self.steps,
+            "status": self.status,
+            "wall_s": self.wall_s,
+            "final_test_acc": self.last("test_acc"),
+            "best_test_acc": self.best("test_acc"),
+            "final_val_acc": self.last("val_acc"),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TrainingRun:
+    """Trains one model with one optimizer; ``run()`` returns a :class:`RunResult`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dataset: ImageDataset,
+        run_dir: str | Path,
+        *,
+        name: str | None = None,
+        splits: tuple[Split, Split | None, Split] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.name = name or self.run_dir.name
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
+        self.train, self.val, self.test = splits or prepare_splits(
+            dataset, cfg.data.validation_size, self.device
+        )
+        self.num_classes = dataset.num_classes
+        self.order = BatchOrder(len(self.train), t.batch_size, t.seed)
+        spe = self.order.steps_per_epoch
+        self.total_steps = max(1, round(t.epochs * spe))
+        self.eval_every = t.eval_every or spe
+        torch.manual_seed(t.seed)
+        channels, size, _ = dataset.input_shape
+        self.model = build_model(
+            cfg.model.name,
+            in_channels=channels,
+            image_size=size,
+            num_classes=dataset.num_classes,
+            width=cfg.model.width,
+        ).to(self.device)
+        self.spec = optimizer_spec(cfg.optimizer.name)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
+        s = cfg.schedule
+        self.scheduler = LambdaLR(
+            self.optimizer,
+            lr_factor_fn(
+                s.kind,
+                total_steps=self.total_steps,
+                warmup_steps=min(round(s.warmup_epochs * spe), self.total_steps - 1),
+                power=s.power,
+                milestones=s.milestones,
+                gamma=s.gamma,
+                final_factor=s.final_factor,
+            ),
+        )
+        r = cfg.recipe
+        self.mixup = Mixup(r.mixup_alpha, running=r.running_mixup) if r.mixup_alpha else None
+        self.ema = make_ema(self.model, r.ema_decay) if r.ema_decay > 0 else None
+        self.micro = self._micro_batch_size()
+        self.step = 0
+        self.first_loss: float | None = None
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.elapsed = 0.0
+        self.status = "finished"
+
+    # ------------------------------------------------------------------ setup
+    def _micro_batch_size(self) -> int:
+        m, batch = self.cfg.train.micro_batch_size, self.cfg.train.batch_size
+        if m == 0:
+            return batch
+        if m > 0:
+            return m
+        probe = self.train.x[:8], self.train.y[:8]
+        return auto_micro_batch(self.model, probe[0], probe[1], batch)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The step's augmented inputs and targets (class indices or soft targets)."""
+        idx = self.order.indices(step).to(self.device)
+        x, y = self.train.x[idx], self.train.y[idx]
+        r = self.cfg.recipe
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.train.seed, step, 1)
+        )
+        if r.crop_padding or r.flip:
+            x = random_crop_flip(x, padding=r.crop_padding, generator=gen, flip=r.flip)
+        if r.random_erasing > 0:
+            x = random_erasing(x, p=r.random_erasing, generator=gen)
+        if self.mixup is None and r.label_smoothing == 0:
+            return x, y
+        target = one_hot_smooth(y, self.num_classes, r.label_smoothing)
+        if self.mixup is not None:
+            x, target = self.mixup(x, target, gen)
+        return x, target
+
+    @staticmethod
+    def _loss(logits: Tensor, target: Tensor) -> Tensor:
+        if target.dtype == torch.long:
+            return F.cross_entropy(logits.float(), target)
+        loss: Tensor = soft_cross_entropy(logits.float(), target)
+        return loss
+
+    def _train_step(self) -> float:
+        torch.manual_seed(derive_seed(self.cfg.train.seed, self.step, 2))
+        x, target = self._batch(self.step)
+        batch = x.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, batch, self.micro):
+            xs, ts = x[start : start + self.micro], target[start : start + self.micro]
+            logits = self.model(xs)
+            loss = self._loss(logits, ts) * (xs.shape[0] / batch)
+            if self.mc_fisher and isinstance(self.optimizer, SPNGD):
+                self.optimizer.mc_backward(logits)
+            loss.backward()
+            total += loss.detach()
+        value = float(total)
+        if self.first_loss is None:
+            self.first_loss = value
+        limit = self.cfg.train.divergence_factor * max(self.first_loss, 1e-12)
+        if not math.isfinite(value) or value > limit:
+            self.status = "diverged"
+            self.optimizer.zero_grad(set_to_none=True)
+            return value
+        if isinstance(self.optimizer, NLCG):
+            self.optimizer.step(loss=total)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.loss_sum += value
+        self.loss_count += 1
+        return value
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self) -> dict[str, Any]:
+        model: nn.Module = self.ema.module if self.ema is not None else self.model
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.step / self.order.steps_per_epoch,
+            "samples": self.step * self.cfg.train.batch_size,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
+        }
+        if self.val is not None:
+            record["val_loss"], record["val_acc"] = evaluate(model, self.val)
+        record["test_loss"], record["test_acc"] = evaluate(model, self.test)
+        record["wall_s"] = round(self.elapsed, 3)
+        self.loss_sum, self.loss_count = 0.0, 0
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "mixup": self.mixup.state_dict() if self.mixup is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "first_loss": self.first_loss,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "elapsed": self.elapsed,
+            "status": self.status,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+
+    def load(self, state: dict[str, Any]) -> None:
+        _check_same_run(state.get("config", {}), self.cfg.to_dict(), self.checkpoint_path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.mixup is not None and state["mixup"] is not None:
+            self.mixup.load_state_dict(state["mixup"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.first_loss = state["first_loss"]
+        self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
+        self.elapsed = float(state["elapsed"])
+        self.status = str(state["status"])
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, resume: bool = False, progress: bool | None = None) -> RunResult:
+        """Train to the end (or from the checkpoint, with ``resume``); return the result.
+
+        ``progress``: None follows ``train.progress`` ("auto" = only on a terminal).
+        Raises :class:`TrainingInterrupted` after Ctrl-C, once the checkpoint is written.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.run_dir, tensorboard=self.cfg.train.tensorboard)
+        if resume and self.checkpoint_path.is_file():
+            self.load(load_checkpoint(self.checkpoint_path))
+            log.truncate_after(self.step)
+        elif resume:
+            raise CheckpointError(
+                f"--resume: no checkpoint at {self.checkpoint_path}; run without --resume"
+            )
+        else:
+            log.reset()
+        (self.run_dir / "config.json").write_text(_json(self.cfg.to_dict()))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.name,
+            unit="step",
+            disable=_bar_disabled(self.cfg.train.progress, progress),
+            dynamic_ncols=True,
+            leave=True,
+        )
+        every = self.cfg.train.checkpoint_every
+        try:
+            with GracefulInterrupt() as interrupt:
+                if self.step == 0 and self.status == "finished":
+                    log.write(self._evaluate())
+                while self.step < self.total_steps and self.status != "diverged":
+                    started = time.perf_counter()
+                    loss = self._train_step()
+                    if self.status == "diverged":
+                        break
+                    self.step += 1
+                    self.elapsed += time.perf_counter() - started
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                        record = self._evaluate()
+                        log.write(record)
+                        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{record['test_acc']:.4f}")
+                    if every and self.step % every == 0:
+                        self.save()
+                    if interrupt.requested:
+                        path = self.save()
+                        raise TrainingInterrupted(str(path))
+        finally:
+            bar.close()
+            log.close()
+        self.save()
+        result = RunResult(
+            name=self.name,
+            optimizer=self.cfg.optimizer.name,
+            lr=self.cfg.optimizer.lr,
+            batch_size=self.cfg.train.batch_size,
+            steps=self.step,
+            history=read_metrics(log.path),
+            status=self.status,
+            wall_s=self.elapsed,
+            micro_batch_size=self.micro,
+        )
+        (self.run_dir / "summary.json").write_text(_json(result.to_dict()))
+        return result
+
+
+def _bar_disabled(mode: str, override: bool | None) -> bool | None:
+    if override is not None:
+        return not override
+    return {"always": False, "never": True}.get(mode)  # None: tqdm decides (tty only)
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k)
+        and k not in _RESUMABLE_CHANGES
+        and not k.startswith(("compare.", "sweep."))
+    )
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"the checkpoint {path} was written with a different configuration ({details}); "
+            "resume with the same configuration or start a new run directory"
+        )

@@ -1,0 +1,140 @@
+"""The optimizers the harness can train with, their defaults, and how each one steps.
+
+Baselines come from their maintained implementations: SGD, Adam and AdamW from
+``torch.optim``; LARS and LAMB from ``pytorch_optimizer``. bigbatch's own NLCG and SP-NGD
+are built from the same :class:`~bigbatch.train.config.OptimizerConfig`. Each entry also
+says what the training loop must do for it: NLCG's step control wants the loss
+(``step(loss=...)``), SP-NGD wants the model at construction and, with ``fisher="mc"``, a
+Monte Carlo backward (:meth:`SPNGD.mc_backward`).
+
+Not here: the training loop itself, schedules (``schedules.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_optimizer
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from bigbatch.optim import NLCG, SPNGD
+from bigbatch.train.config import ConfigError, OptimizerConfig
+
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer", "optimizer_spec"]
+
+Builder = Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer the harness knows."""
+
+    name: str
+    label: str
+    build: Builder
+    #: Learning rates ``bigbatch compare`` tries when the config gives none.
+    default_lrs: tuple[float, ...]
+    #: Constructor options used unless the config overrides them.
+    defaults: Mapping[str, Any]
+    #: The optimizer's step takes ``loss=`` (NLCG's step control).
+    wants_loss: bool = False
+    #: The optimizer records curvature from forward/backward hooks (SP-NGD).
+    uses_curvature: bool = False
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and normalisation parameters (vectors), as usual."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+def _sgd(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    return torch.optim.SGD(_decay_groups(model, wd), lr=lr, **opts)
+
+
+def _adam(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    return torch.optim.Adam(_decay_groups(model, wd), lr=lr, **opts)
+
+
+def _adamw(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    return torch.optim.AdamW(_decay_groups(model, wd), lr=lr, **opts)
+
+
+def _lars(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = pytorch_optimizer.LARS(_decay_groups(model, wd), lr=lr, **opts)
+    return optimizer
+
+
+def _lamb(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = pytorch_optimizer.Lamb(_decay_groups(model, wd), lr=lr, **opts)
+    return optimizer
+
+
+def _nlcg(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    return NLCG(_decay_groups(model, wd), lr=lr, **opts)
+
+
+def _spngd(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    return SPNGD(model, lr=lr, params=_decay_groups(model, wd), **opts)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("sgd", "SGD", _sgd, (0.05, 0.1, 0.2), {"momentum": 0.0}),
+        OptimizerSpec("momentum", "SGD momentum 0.9", _sgd, (0.1, 0.2, 0.4), {"momentum": 0.9}),
+        OptimizerSpec(
+            "nesterov",
+            "SGD Nesterov 0.9",
+            _sgd,
+            (0.1, 0.2, 0.4),
+            {"momentum": 0.9, "nesterov": True},
+        ),
+        OptimizerSpec("adam", "Adam", _adam, (1e-3, 3e-3, 1e-2), {}),
+        OptimizerSpec("adamw", "AdamW", _adamw, (1e-3, 3e-3, 1e-2), {}),
+        OptimizerSpec(
+            "lars", "LARS (pytorch_optimizer)", _lars, (1.0, 2.0, 4.0), {"momentum": 0.9}
+        ),
+        OptimizerSpec("lamb", "LAMB (pytorch_optimizer)", _lamb, (3e-3, 1e-2, 3e-2), {}),
+        OptimizerSpec(
+            "nlcg", "NLCG (FR, BFGS)", _nlcg, (0.2, 0.4, 0.8), {"preconditioner": "bfgs"}, True
+        ),
+        OptimizerSpec(
+            "spngd",
+            "SP-NGD (K-FAC, stale)",
+            _spngd,
+            (0.01, 0.02, 0.04),
+            {"momentum": 0.9, "damping": 1e-3},
+            uses_curvature=True,
+        ),
+    )
+}
+
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    """The registry entry for ``name``; a clear error listing the known names otherwise."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        known = ", ".join(OPTIMIZERS)
+        raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: {known}") from None
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> Optimizer:
+    """Build ``cfg.name`` for ``model`` with its defaults updated by ``cfg.options``."""
+    spec = optimizer_spec(cfg.name)
+    options = {**spec.defaults, **cfg.options}
+    try:
+        return spec.build(model, cfg.lr, cfg.weight_decay, options)
+    except TypeError as exc:  # an option the constructor does not take
+        raise ConfigError(f"optimizer.options for {cfg.name!r}: {exc}") from None
+    except ValueError as exc:  # the constructor's own range checks
+        raise ConfigError(f"optimizer.options for {cfg.name!r}: {exc}") from None

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bigbatch.train import DatasetError, FashionMNIST, load_fashion_mnist
-from bigbatch.train import fashion_mnist as fm
+from bigbatch.train.data import fashion_mnist as fm
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 SIZES = {"train": 6, "test": 4}

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from bigbatch.train.data import sources
 from bigbatch.train.data.base import Decoded, ImageDataset, channel_stats, to_dataset
-from bigbatch.train.data.sources import USER_ROOT
 
 __all__ = ["FORMAT_VERSION", "cache_path", "default_cache_dir", "file_stamps", "load_cached"]
 
@@ -35,7 +35,7 @@ _ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def default_cache_dir() -> Path:
-    return USER_ROOT.expanduser() / "decoded"
+    return sources.USER_ROOT.expanduser() / "decoded"
 
 
 def file_stamps(paths: Iterable[Path]) -> list[list[Any]]:

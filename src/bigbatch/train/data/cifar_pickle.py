@@ -13,6 +13,7 @@ extracts it safely into a temporary folder and renames the folder into place.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 import shutil
@@ -125,6 +126,7 @@ for _module in ("numpy.core.numeric", "numpy._core.numeric"):
     _ALLOWED[(_module, "_frombuffer")] = np.arange(1).__reduce_ex__(5)[0]
 _ALLOWED[("numpy", "ndarray")] = np.ndarray
 _ALLOWED[("numpy", "dtype")] = np.dtype
+_ALLOWED[("_codecs", "encode")] = codecs.encode  # bytes pickled by Python 3, protocol <= 2
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -1,10 +1,25 @@
-"""The training harness; grows in later work.
+"""The training harness: datasets, models, recipes, the training loop and the ``bigbatch`` CLI.
 
-For now: :func:`load_fashion_mnist`, a small verified loader for the Fashion-MNIST idx files.
+Nothing in :mod:`bigbatch.optim` or :mod:`bigbatch.curvature` imports this package: the
+optimizers are usable without it. Entry points: :func:`load_dataset`, :func:`load_config`,
+:class:`~bigbatch.train.loop.TrainingRun` and the ``bigbatch`` console script
+(:mod:`bigbatch.train.cli`).
 """
 
 from __future__ import annotations
 
-from bigbatch.train.fashion_mnist import DatasetError, FashionMNIST, load_fashion_mnist
+from bigbatch.train.config import Config, ConfigError, load_config
+from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
+from bigbatch.train.fashion_mnist import FashionMNIST, load_fashion_mnist
 
-__all__ = ["DatasetError", "FashionMNIST", "load_fashion_mnist"]
+__all__ = [
+    "DATASET_NAMES",
+    "Config",
+    "ConfigError",
+    "DatasetError",
+    "FashionMNIST",
+    "ImageDataset",
+    "load_config",
+    "load_dataset",
+    "load_fashion_mnist",
+]

@@ -234,11 +234,17 @@ class CurvatureCapture:
                 sums.a_sum = _add(sums.a_sum, counts)
             hook = partial(self._on_output_grad, sums, -1)
         elif isinstance(module, _NORMS):
-            x_hat = L.batchnorm_normalized_input(module, x)
+            # from the output (one pass) while this hook runs before any in-place op on it
+            x_hat = L.normalized_from_output(output, module.weight, module.bias)
+            if x_hat is None:
+                x_hat = L.batchnorm_normalized_input(module, x)
             hook = partial(self._on_norm_grad, sums, x_hat, None)
         elif isinstance(module, nn.LayerNorm):
-            x_hat = L.layernorm_normalized_input(module, x)
-            hook = partial(self._on_norm_grad, sums, x_hat, len(module.normalized_shape))
+            nd = len(module.normalized_shape)
+            x_hat = L.normalized_from_output(output, module.weight, module.bias, nd)
+            if x_hat is None:
+                x_hat = L.layernorm_normalized_input(module, x)
+            hook = partial(self._on_norm_grad, sums, x_hat, nd)
         else:  # pragma: no cover - _classify admits nothing else
             return
         if want_g and output.requires_grad:

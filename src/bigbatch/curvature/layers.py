@@ -70,6 +70,7 @@ __all__ = [
     "layernorm_normalized_input",
     "layernorm_unitwise_sum",
     "linear_input_sum",
+    "normalized_from_output",
     "output_grad_sum",
     "split_grad_matrix",
     "unitwise_precondition",
@@ -373,6 +374,42 @@ def batchnorm_normalized_input(bn: _BatchNorm, x: Tensor) -> Tensor:
         mean = bn.running_mean.detach().to(xs.dtype).reshape(shape)
         var = bn.running_var.detach().to(xs.dtype).reshape(shape)
     return (xs - mean) * torch.rsqrt(var + bn.eps)
+
+
+#: ``x_hat`` is recovered from the output only where ``|beta_c| <= ratio * |gamma_c|``:
+#: the rounding error of ``y`` is amplified by ``(|x_hat| + |beta / gamma|)``, so this keeps
+#: it below ~1e-5 relative in float32 (and catches gamma == 0, where it is undefined).
+XHAT_FROM_OUTPUT_MAX_RATIO = 100.0
+
+
+def normalized_from_output(
+    y: Tensor, weight: Tensor, bias: Tensor, channel_dims: int | None = None
+) -> Tensor | None:
+    """``x_hat = (y - beta) / gamma`` recovered from an affine normalisation's OUTPUT ``y``.
+
+    One elementwise pass instead of re-normalising the input (no reduction over the batch).
+    ``channel_dims=None``: BatchNorm, gamma/beta of shape ``(C,)`` act on dim 1 of ``y``;
+    an int ``k``: LayerNorm, gamma/beta have the shape of the trailing ``k`` dims of ``y``.
+    Returns ``None`` (the caller falls back to :func:`batchnorm_normalized_input` /
+    :func:`layernorm_normalized_input`) when some ``|gamma| <= |beta| / ratio`` (including
+    ``gamma == 0``) or a parameter is not finite, see :data:`XHAT_FROM_OUTPUT_MAX_RATIO`.
+    The result is float32 (float64 for float64 ``y``).
+    """
+    ys = _to_stat(y)
+    gamma = weight.detach().to(ys.dtype)
+    beta = bias.detach().to(ys.dtype)
+    safe = gamma.abs() * XHAT_FROM_OUTPUT_MAX_RATIO > beta.abs()
+    if not bool(safe.all()):
+        return None
+    scale = torch.reciprocal(gamma)
+    if not bool(torch.isfinite(scale).all()):
+        return None
+    shift = -beta * scale
+    if channel_dims is None:
+        shape = [1] * ys.dim()
+        shape[1] = -1
+        scale, shift = scale.reshape(shape), shift.reshape(shape)
+    return torch.addcmul(shift, ys, scale)
 
 
 def layernorm_normalized_input(ln: nn.LayerNorm, x: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine:
-#   make demo  - create .venv, install bigbatch, train on Fashion-MNIST with NLCG and momentum SGD
-#   make test  - create .venv, install bigbatch with its test extras, run lint, types and tests
+#   make compare - create .venv, install bigbatch, run `bigbatch compare` (Fashion-MNIST, small
+#                  CNN, batch 8192: momentum SGD, LARS, NLCG, SP-NGD) and print its table
+#   make test    - create .venv, install bigbatch with its test extras, run lint, types and tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,12 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= $(firstword $(wildcard ../shared/data/fashion-mnist) $(wildcard /usr/share/datasets/fashion-mnist))
 
-.PHONY: demo test venv install install-test lint
+# Where the data is: a local copy if one exists, else a checked download from the official
+# source (offline with no copy, bigbatch stops with a message saying how to get the files).
+DATA_ARGS ?= $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download)
+OUT ?= runs/compare
+
+.PHONY: compare demo test venv install install-test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +36,10 @@ install-test: venv
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(ORACLES)
 
+compare: install
+	$(BIN)/bigbatch compare $(DATA_ARGS) --out $(OUT) $(ARGS)
+
+# The library-only example (no harness): an MLP with NLCG against momentum SGD.
 demo: install
 	$(BIN)/python examples/fashion_mnist_demo.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(DEMO_ARGS)
 

@@ -77,5 +77,5 @@ def test_bad_files(tmp_path: Path) -> None:
     other.write_text("x")
     with pytest.raises(ConfigError, match=r"\.toml, \.yaml or \.yml"):
         load_config(other)
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["novalue"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bigbatch.train.config import ConfigError
 from bigbatch.train.data import ImageDataset
 
 __all__ = ["BatchOrder", "Split", "derive_seed", "prepare_splits"]
@@ -44,13 +45,19 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def validation_count(validation_size: int | None, n_train: int) -> int:
+    """The number of held-out images: the configured one, or min(5000, n_train // 10)."""
+    return min(5000, n_train // 10) if validation_size is None else validation_size
+
+
 def prepare_splits(
-    dataset: ImageDataset, validation_size: int, device: torch.device
+    dataset: ImageDataset, validation_size: int | None, device: torch.device
 ) -> tuple[Split, Split | None, Split]:
     """(train, validation or None, test), normalised with the training images' statistics."""
     n = int(dataset.train_y.shape[0])
+    validation_size = validation_count(validation_size, n)
     if validation_size >= n:
-        raise ValueError(
+        raise ConfigError(
             f"data.validation_size ({validation_size}) must be smaller than the training "
             f"set of {dataset.name} ({n} images)"
         )
@@ -77,7 +84,7 @@ class BatchOrder:
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
         if batch_size > n:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size ({batch_size}) is larger than the training set ({n} images)"
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed

@@ -122,7 +122,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _load(cfg: Config) -> ImageDataset:
     d = cfg.data
-    return load_dataset(d.name, d.data_dir, download=d.download, cache_dir=d.cache_dir)
+    try:
+        return load_dataset(d.name, d.data_dir, download=d.download, cache_dir=d.cache_dir)
+    except ValueError as exc:  # an unknown name or a bad option
+        raise ConfigError(f"data.name={d.name!r}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,10 +166,10 @@ def _run(
         return 0 if result.status == "finished" else 1
     if command == "compare":
         choices = run_compare(cfg, dataset, out, resume=resume, say=_say)
-        md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset.name)
+        md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset)
     else:
         choices = run_sweep(cfg, dataset, out, resume=resume, say=_say)
-        md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset.name)
+        md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset)
     _say("\n" + table)
     _say(f"table: {md}\nplot:  {png}")
     return 0

@@ -58,9 +58,10 @@ class DataConfig(_Section):
     data_dir: str | None = None
     download: bool = False
     cache_dir: str | None = None
-    #: Images held out of the training set (the last ones of a seeded permutation) to pick
-    #: learning rates on; 0 picks on the test set (say so in any report).
-    validation_size: int = Field(default=5000, ge=0)
+    #: Images held out of the training set (a fixed seeded choice) to pick learning rates
+    #: on; None = min(5000, a tenth of the training set); 0 = none, and learning rates are
+    #: then picked on the test set (reports say so).
+    validation_size: int | None = Field(default=None, ge=0)
 
 
 class ModelConfig(_Section):

@@ -129,7 +129,7 @@ def run_compare(
 ) -> list[Choice]:
     """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid."""
     for name in cfg.compare.optimizers:
-        optimizer_spec(name)  # fail before any training on a bad name
+        optimizer_spec(name, "compare.optimizers")  # fail before any training
     splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
     started = time.perf_counter()
     choices = [
@@ -156,7 +156,7 @@ def run_sweep(
 ) -> list[Choice]:
     """Optimizers x batch sizes, each with its lr grid scaled by ``sweep.lr_scaling``."""
     for name in cfg.compare.optimizers:
-        optimizer_spec(name)
+        optimizer_spec(name, "compare.optimizers")
     splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
     return [
         run_grid(

@@ -34,7 +34,7 @@ from bigbatch.optim import NLCG, SPNGD
 from bigbatch.train.augment import random_crop_flip, random_erasing
 from bigbatch.train.batches import BatchOrder, Split, derive_seed, prepare_splits
 from bigbatch.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bigbatch.train.config import Config
+from bigbatch.train.config import Config, ConfigError
 from bigbatch.train.data import ImageDataset
 from bigbatch.train.ema import make_ema
 from bigbatch.train.evaluate import evaluate
@@ -144,13 +144,17 @@ class TrainingRun:
         self.eval_every = t.eval_every or spe
         torch.manual_seed(t.seed)
         channels, size, _ = dataset.input_shape
-        self.model = build_model(
-            cfg.model.name,
-            in_channels=channels,
-            image_size=size,
-            num_classes=dataset.num_classes,
-            width=cfg.model.width,
-        ).to(self.device)
+        try:
+            model = build_model(
+                cfg.model.name,
+                in_channels=channels,
+                image_size=size,
+                num_classes=dataset.num_classes,
+                width=cfg.model.width,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from None
+        self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"

@@ -119,13 +119,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
-def optimizer_spec(name: str) -> OptimizerSpec:
-    """The registry entry for ``name``; a clear error listing the known names otherwise."""
+def optimizer_spec(name: str, key: str = "optimizer.name") -> OptimizerSpec:
+    """The registry entry for ``name``; an error naming ``key`` and the known names."""
     try:
         return OPTIMIZERS[name]
     except KeyError:
         known = ", ".join(OPTIMIZERS)
-        raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: {known}") from None
+        raise ConfigError(f"{key}: unknown optimizer {name!r}; known: {known}") from None
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> Optimizer:

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from bigbatch.train.batches import validation_count
 from bigbatch.train.config import Config
+from bigbatch.train.data import ImageDataset
 from bigbatch.train.experiments import Choice
 from bigbatch.train.optimizers import optimizer_spec
 from bigbatch.train.plots import plot_accuracy, plot_scaling
@@ -77,7 +79,8 @@ def _best_steps(c: Choice, target: float) -> int | None:
     return min(reached) if reached else None
 
 
-def _context(cfg: Config, command: str, dataset: str) -> dict[str, Any]:
+def _context(cfg: Config, command: str, dataset: ImageDataset) -> dict[str, Any]:
+    held_out = validation_count(cfg.data.validation_size, len(dataset.train_y))
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -85,13 +88,15 @@ def _context(cfg: Config, command: str, dataset: str) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "dataset": dataset,
+        "dataset": dataset.display_name,
+        "data_source": dataset.source,
+        **({"note": dataset.notes} if dataset.notes else {}),
         "model": cfg.model.name,
         "epochs": cfg.train.epochs,
         "selection": (
             "learning rate chosen by last validation accuracy "
-            f"({cfg.data.validation_size} training images held out)"
-            if cfg.compare.select_by == "validation" and cfg.data.validation_size
+            f"({held_out} training images held out, not trained on)"
+            if cfg.compare.select_by == "validation" and held_out
             else "learning rate chosen by last TEST accuracy (no validation split)"
         ),
     }
@@ -104,13 +109,15 @@ def _header(title: str, ctx: dict[str, Any]) -> str:
 
 
 def write_compare(
-    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: str
+    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: ImageDataset
 ) -> tuple[Path, Path, str]:
     """Write results.md, results.json and accuracy.png; return (table, plot, table text)."""
     target = cfg.train.target_accuracy
     table = compare_table(choices, target)
     ctx = _context(cfg, command, dataset) | {"batch_size": cfg.train.batch_size}
-    title = f"bigbatch compare: {dataset}, {cfg.model.name}, batch {cfg.train.batch_size}"
+    title = (
+        f"bigbatch compare: {dataset.display_name}, {cfg.model.name}, batch {cfg.train.batch_size}"
+    )
     md = out_dir / "results.md"
     md.write_text(_header(title, ctx) + table)
     (out_dir / "results.json").write_text(
@@ -141,12 +148,15 @@ def write_compare(
 
 
 def write_sweep(
-    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: str
+    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: ImageDataset
 ) -> tuple[Path, Path, str]:
     target = cfg.train.target_accuracy
     table = sweep_table(choices, target)
     ctx = _context(cfg, command, dataset) | {"lr_scaling": cfg.sweep.lr_scaling}
-    title = f"bigbatch sweep: steps to {_pct(target)} test accuracy, {dataset}, {cfg.model.name}"
+    title = (
+        f"bigbatch sweep: steps to {_pct(target)} test accuracy, {dataset.display_name}, "
+        f"{cfg.model.name}"
+    )
     md = out_dir / "results.md"
     md.write_text(_header(title, ctx) + table)
     curves = {

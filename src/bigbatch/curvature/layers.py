@@ -72,6 +72,7 @@ __all__ = [
     "linear_input_sum",
     "normalized_from_output",
     "output_grad_sum",
+    "same_conv2d_gram",
     "split_grad_matrix",
     "unitwise_precondition",
     "unitwise_sum",
@@ -231,7 +232,7 @@ def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 def conv2d_input_sum(
-    x: Tensor, conv: nn.Conv2d, has_bias: bool | None = None
+    x: Tensor, conv: nn.Conv2d, has_bias: bool | None = None, method: str = "auto"
 ) -> tuple[Tensor, int]:
     """Sum over samples and positions of ``a a^T`` for a Conv2d, and ``P``.
 
@@ -240,10 +241,159 @@ def conv2d_input_sum(
     ``False`` when the bias is not part of the Kronecker block (e.g. a frozen bias).
     Returns ``(sum, P)`` with ``P`` the number of output positions per sample (needed
     by :func:`finalize_kronecker` for ``G``).
+
+    ``method``: ``"im2col"`` builds the patches and their Gram matrix; ``"correlation"``
+    (stride 1, dilation 1, odd kernel with its "same" zero padding, see
+    :func:`same_conv2d_gram`) computes the same matrix from correlations of the input with
+    itself, without patches (several times faster); ``"auto"`` (default) picks
+    ``"correlation"`` where it applies and ``"im2col"`` elsewhere.
     """
-    patches = conv2d_patches(_to_stat(x), conv)
+    if method not in ("auto", "im2col", "correlation"):
+        raise ValueError(f"method must be 'auto', 'im2col' or 'correlation', got {method!r}")
     bias = conv.bias is not None if has_bias is None else has_bias
+    xs = _to_stat(x)
+    use_corr = method == "correlation" or (method == "auto" and _same_conv2d(conv))
+    if use_corr:
+        _check_conv2d(conv)
+        if not _same_conv2d(conv):
+            raise UnsupportedLayerError(
+                "the correlation method needs stride 1, dilation 1, odd kernel sizes and "
+                f"padding (k - 1) / 2 on every side; got {conv}"
+            )
+        if xs.dim() == 3:
+            xs = xs.unsqueeze(0)
+        if xs.dim() != 4:
+            raise ValueError(
+                f"Conv2d input must be (N, C, H, W) or (C, H, W), got {tuple(xs.shape)}"
+            )
+        kh, kw = _pair(conv.kernel_size, "kernel_size")
+        with _autocast_off(xs.device):
+            return same_conv2d_gram(xs, kh, kw, bias), int(xs.shape[-1] * xs.shape[-2])
+    patches = conv2d_patches(xs, conv)
     return linear_input_sum(patches, bias), int(patches.shape[1])
+
+
+def _same_conv2d(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is stride 1, dilation 1, groups 1, zero padding ``(k - 1) / 2`` with
+    odd ``k`` on every side (the configurations :func:`same_conv2d_gram` covers)."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        return False
+    kernel = _pair(conv.kernel_size, "kernel_size")
+    if _pair(conv.stride, "stride") != (1, 1) or _pair(conv.dilation, "dilation") != (1, 1):
+        return False
+    if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+        return False
+    left, right, top, bottom = _conv2d_explicit_padding(conv, kernel, (1, 1))
+    return (top, bottom, left, right) == (kernel[0] // 2,) * 2 + (kernel[1] // 2,) * 2
+
+
+def _line_groups(size: int, half: int) -> list[tuple[int, int]]:
+    """Rows (or columns) ``[0, size)`` cut into ``[start, stop)`` ranges: every line within
+    ``half`` of an edge alone, the lines in between as one range."""
+    edge = sorted({s for s in range(size) if s < half or s >= size - half})
+    groups = [(s, s + 1) for s in edge if s < half]
+    if half < size - half:
+        groups.append((half, size - half))
+    groups += [(s, s + 1) for s in edge if s >= half and s >= size - half]
+    return groups
+
+
+def _kept(groups: list[tuple[int, int]], k: int, size: int, half: int) -> Tensor:
+    """``(k, len(groups))`` 0/1: whether line group ``g`` lies in kernel row ``i``'s window.
+
+    Kernel row ``i`` sees input lines ``[i - half, i - half + size)`` (clipped to the image)
+    over the output positions; every group is entirely inside or outside it.
+    """
+    out = torch.zeros(k, len(groups), dtype=torch.float64)
+    for i in range(k):
+        lo, hi = i - half, i - half + size
+        for g, (start, stop) in enumerate(groups):
+            out[i, g] = float(start >= lo and stop <= hi)
+    return out
+
+
+def same_conv2d_gram(x: Tensor, kh: int, kw: int, has_bias: bool) -> Tensor:
+    """``sum_{n, p} a a^T`` of the im2col patches of a stride-1 "same" convolution, by
+    correlations of the input with itself (no patches are built).
+
+    For an odd ``kh x kw`` kernel with zero padding ``(kh // 2, kw // 2)`` the patch entry
+    ``(c, i, j)`` at output position ``(y, z)`` is ``x[c, y + i - kh//2, z + j - kw//2]``, so
+    ``A[(c, i, j), (c', i', j')] = sum_{(s, t) in W_ij} x[c, s, t] x[c', s + d, t + e]`` with
+    ``(d, e) = (i' - i, j' - j)`` and ``W_ij`` the input pixels kernel tap ``(i, j)`` visits
+    (the whole image except up to ``kh//2`` edge rows and ``kw//2`` edge columns). The image is
+    cut into regions (each edge row/column alone, the interior as one block) that lie
+    entirely inside or outside every ``W_ij``; the correlation of each region with the
+    zero-padded input at all ``(2 kh - 1) x (2 kw - 1)`` offsets is a convolution weight
+    gradient (one ``convolution_backward`` per region; the regions partition the image, so
+    together they cost one such call over the image), and ``A`` is assembled from the
+    region sums each tap sees. Equal to the im2col Gram up to round-off.
+
+    Args:
+        x: ``(N, C, H, W)`` input in float32 or float64.
+        kh, kw: odd kernel sizes.
+        has_bias: append the bias row/column (patch sums and the position count).
+
+    Returns:
+        ``(C kh kw [+ 1], C kh kw [+ 1])`` in ``x``'s dtype, in the ``(c, i, j)`` order of
+        ``conv.weight.reshape(out_channels, -1)``.
+    """
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"same_conv2d_gram needs odd kernel sizes, got {kh}x{kw}")
+    n, c, h, w = x.shape
+    ph, pw = kh // 2, kw // 2
+    oh, ow = 2 * ph, 2 * pw  # largest offsets between two taps
+    x = x.detach().contiguous()
+    xp = F.pad(x, (ow, ow, oh, oh))
+    rows, cols = _line_groups(h, ph), _line_groups(w, pw)
+    weight_shape = [c, c, 2 * oh + 1, 2 * ow + 1]
+    # corr[r, q, c, c', a, b] = sum over region (r, q) of x[c, s, t] x[c', s + a - oh, t + b - ow]
+    corr = x.new_empty((len(rows), len(cols), c, c, 2 * oh + 1, 2 * ow + 1))
+    for ri, (r0, r1) in enumerate(rows):
+        for qi, (q0, q1) in enumerate(cols):
+            grad_out = x[:, :, r0:r1, q0:q1]
+            inp = xp[:, :, r0 : r1 + 2 * oh, q0 : q1 + 2 * ow]
+            corr[ri, qi] = torch.ops.aten.convolution_backward(
+                grad_out,
+                inp,
+                x.new_empty(weight_shape),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [False, True, False],
+            )[1]
+    kept_r = _kept(rows, kh, h, ph).to(x)
+    kept_c = _kept(cols, kw, w, pw).to(x)
+    # per tap (i, j): the correlations over the pixels it visits
+    tap = torch.einsum("ir,jq,rqz->ijz", kept_r, kept_c, corr.reshape(len(rows), len(cols), -1))
+    tap = tap.reshape(kh, kw, c, c, 2 * oh + 1, 2 * ow + 1)
+    di = torch.arange(kh)
+    dj = torch.arange(kw)
+    ii = di.view(kh, 1, 1, 1)
+    jj = dj.view(1, kw, 1, 1)
+    aa = (di.view(1, 1, kh, 1) - di.view(kh, 1, 1, 1) + oh).expand(kh, kw, kh, kw)
+    bb = (dj.view(1, 1, 1, kw) - dj.view(1, kw, 1, 1) + ow).expand(kh, kw, kh, kw)
+    # blocks[i, j, i', j', c, c'] = tap[i, j, c, c', i' - i + oh, j' - j + ow]
+    blocks = tap.permute(0, 1, 4, 5, 2, 3)[ii, jj, aa, bb]
+    d = c * kh * kw
+    gram = blocks.permute(4, 0, 1, 5, 2, 3).reshape(d, d)
+    if not has_bias:
+        return gram.contiguous()
+    out = gram.new_empty((d + 1, d + 1))
+    out[:d, :d] = gram
+    # patch sums: region sums of x seen by each tap
+    xsum = x.sum(dim=0)
+    region_sums = torch.stack(
+        [torch.stack([xsum[:, r0:r1, q0:q1].sum(dim=(1, 2)) for q0, q1 in cols]) for r0, r1 in rows]
+    )  # (R, Q, C)
+    col = torch.einsum("ir,jq,rqc->cij", kept_r, kept_c, region_sums).reshape(d)
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = float(n * h * w)
+    return out
 
 
 def weight_grad_matrix(module: nn.Module) -> Tensor:

@@ -85,7 +85,7 @@ class KFACEngine:
             if not bool(torch.isfinite(value).all()):
                 report.missing.append(stat)
                 continue
-            self.schedule.update(stat, self.step, value, self.stats.get(stat))
+            value, _ = self.schedule.absorb(stat, self.step, value, self.stats.get(stat))
             self.stats[stat] = value
             report.refreshed.append(stat)
         for stat in report.missing:  # retry next step

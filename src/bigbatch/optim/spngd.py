@@ -57,7 +57,11 @@ class SPNGD(Optimizer):
             sampled label per example; call :meth:`mc_backward` with the model's outputs
             before ``loss.backward()`` on steps where :meth:`statistics_due` is true.
         staleness: refresh-interval rule (:class:`StalenessConfig`); ``False`` refreshes
-            every statistic every step.
+            every statistic every step from that step's batch. By default (``True``) each
+            statistic is the running average of its measurements and its refresh interval
+            doubles (up to 32 steps) while that average changes by less than 10% between
+            refreshes, and halves otherwise; ``StalenessConfig(smoothing=0.0)`` compares raw
+            measurements instead (see :mod:`bigbatch.curvature.staleness`).
         inversion: :class:`InversionConfig` (``"eigh"`` or ``"cholesky"``, failure policy).
         nonfinite: ``"skip"`` (default): a step with a NaN/Inf gradient or preconditioned
             gradient changes no parameter and no momentum, and warns; ``"raise"``:

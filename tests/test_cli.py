@@ -181,3 +181,15 @@ def test_every_command_has_help() -> None:
         )
         assert done.returncode == 0
         assert "usage: bigbatch" in done.stdout
+
+
+def test_malloc_tuning_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bigbatch.train.malloc_tuning import tune_malloc
+
+    monkeypatch.setenv("BIGBATCH_MALLOC_TUNING", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("BIGBATCH_MALLOC_TUNING")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() is False  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert tune_malloc() is sys.platform.startswith("linux")  # glibc here: applied

@@ -18,6 +18,7 @@ from bigbatch.train.checkpoint import CheckpointError
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
 from bigbatch.train.interrupt import TrainingInterrupted
+from bigbatch.train.malloc_tuning import tune_malloc
 from bigbatch.train.models import MODEL_NAMES
 from bigbatch.train.optimizers import OPTIMIZERS
 
@@ -131,6 +132,7 @@ def _load(cfg: Config) -> ImageDataset:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bigbatch`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    tune_malloc()
     command = "bigbatch " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     try:
         cfg = load_config(args.config, _overrides(args))

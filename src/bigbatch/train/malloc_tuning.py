@@ -37,5 +37,5 @@ def tune_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl or no libc found
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return ok and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = int(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) == 1
+    return ok and int(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) == 1

@@ -504,3 +504,63 @@ def test_module_exports() -> None:
         "kron_damping",
         "pi_correction",
     }
+
+
+def test_eigh_redamping_reuses_the_decomposition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same tensor, new damping: no new eigh, and the result equals a fresh inversion; a new
+    tensor or an in-place change of the old one is decomposed again."""
+    counter = CallCounter(torch.linalg.eigh)
+    monkeypatch.setattr(torch.linalg, "eigh", counter)
+    a = torch.from_numpy(spd_batch(1, 5, seed=21)[0])
+    g = torch.from_numpy(spd_batch(1, 3, seed=22)[0])
+    bn = torch.from_numpy(spd_batch(4, 2, seed=23))
+    inverter = DampedInverter(InversionConfig(method="eigh"))
+    inverter.invert({"a": a, "g": g, "bn": bn}, {"a": 0.1, "g": 0.2, "bn": 0.3})
+    assert len(counter.batch_sizes) == 3
+    out = inverter.invert({"a": a, "g": g, "bn": bn}, {"a": 0.05, "g": 0.2, "bn": 0.7})
+    assert len(counter.batch_sizes) == 3  # nothing decomposed again
+    fresh = DampedInverter(InversionConfig(method="eigh")).invert(
+        {"a": a, "g": g, "bn": bn}, {"a": 0.05, "g": 0.2, "bn": 0.7}
+    )
+    for name in ("a", "g", "bn"):
+        assert torch.equal(out[name], fresh[name])
+        mats = out[name].reshape(-1, out[name].shape[-1], out[name].shape[-1])
+        src = {"a": a, "g": g, "bn": bn}[name]
+        damp = {"a": 0.05, "g": 0.2, "bn": 0.7}[name]
+        ref = oracle_inv(src.reshape(mats.shape).numpy(), damp)
+        assert rel_err(mats, ref) < 1e-10
+    a2 = a * 2.0  # a new tensor
+    inverter.invert({"a": a2}, {"a": 0.05})
+    assert counter.batch_sizes[-1] == 1
+    calls = len(counter.batch_sizes)
+    g.mul_(3.0)  # changed in place: the cache must not be used
+    out_g = inverter.invert({"g": g}, {"g": 0.2})["g"]
+    assert len(counter.batch_sizes) == calls + 1
+    assert rel_err(out_g, oracle_inv(g.numpy()[None], 0.2)[0]) < 1e-10
+
+
+def test_eigh_cache_keeps_the_failure_policy() -> None:
+    good = torch.from_numpy(spd_batch(1, 3, seed=31)[0]).float()
+    inverter = DampedInverter(InversionConfig(method="eigh", max_failures=2))
+    first = inverter.invert({"x": good}, {"x": 0.1})["x"]
+    bad = good.clone()
+    bad[0, 0] = float("nan")
+    kept = inverter.invert({"x": bad}, {"x": 0.2})["x"]
+    assert inverter.last_report.kept == ("x",)
+    assert torch.equal(kept, first)
+    # the cached decomposition of `good` still serves a re-damping of `good`
+    again = inverter.invert({"x": good}, {"x": 0.2})["x"]
+    assert inverter.failures["x"] == 0
+    assert rel_err(again, oracle_inv(good.double().numpy()[None], 0.2)[0]) < 1e-5
+    inverter.invert({"x": bad}, {"x": 0.2})
+    with pytest.raises(InversionError, match="2 consecutive failures"):
+        inverter.invert({"x": bad}, {"x": 0.2})
+    # a loaded state starts without cached decompositions and still inverts correctly
+    copy = DampedInverter(InversionConfig(method="eigh"))
+    copy.load_state_dict(inverter.state_dict())
+    out = copy.invert({"x": good}, {"x": 0.2})["x"]
+    assert torch.equal(out, again)
+
+
+def test_default_method_is_cholesky() -> None:
+    assert InversionConfig().method == "cholesky"

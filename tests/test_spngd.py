@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bigbatch import NLCG, SPNGD, KFACPreconditioner, StalenessConfig
-from bigbatch.curvature.linalg import kron_damping
+from bigbatch.curvature.linalg import InversionConfig, kron_damping
 
 torch.set_default_dtype(torch.float32)
 
@@ -165,14 +165,21 @@ def train(model: nn.Module, opt: SPNGD, batches: list[tuple[Tensor, Tensor]]) ->
         opt.step()
 
 
-def test_resume_equals_uninterrupted() -> None:
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_resume_equals_uninterrupted(method: str) -> None:
     batches = [images(seed=s) for s in range(12)]
 
     def fresh() -> tuple[nn.Module, SPNGD]:
         model = cnn()
         stale = StalenessConfig(threshold=1.0)  # random batches: let intervals grow anyway
         return model, SPNGD(
-            model, lr=0.05, damping=1e-2, weight_decay=1e-4, kl_clip=1e-2, staleness=stale
+            model,
+            lr=0.05,
+            damping=1e-2,
+            weight_decay=1e-4,
+            kl_clip=1e-2,
+            staleness=stale,
+            inversion=InversionConfig(method=method),
         )
 
     model_a, opt_a = fresh()

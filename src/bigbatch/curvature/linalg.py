@@ -90,12 +90,17 @@ def kron_damping(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
 class InversionConfig:
     """How :class:`DampedInverter` inverts and how long it tolerates failures.
 
-    ``method``: ``"eigh"`` or ``"cholesky"``. ``max_failures``: consecutive failures of a
-    block (with its last good inverse reused) after which :class:`InversionError` is raised.
+    ``method``: ``"cholesky"`` (default, as the reference: ``cholesky_ex`` of the damped
+    factor and ``cholesky_inverse``; several times cheaper than an eigendecomposition and
+    robust to a busy machine) or ``"eigh"`` (eigenvalues clamped at 0 before damping; the
+    decomposition of each block is cached, so re-damping a block whose matrix did not change,
+    e.g. after its partner factor moved the pi-correction, costs one matrix product).
+    ``max_failures``: consecutive failures of a block (with its last good inverse reused)
+    after which :class:`InversionError` is raised.
     ``float64_retry``: retry blocks that failed in float32 once in float64.
     """
 
-    method: str = "eigh"
+    method: str = "cholesky"
     max_failures: int = 3
     float64_retry: bool = True
 
@@ -186,29 +191,119 @@ def _eigh(sym: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         )
 
 
+def _symmetrized(mats: Tensor) -> tuple[Tensor, Tensor]:
+    """``(0.5 (M + M^T), finite mask)``; non-finite inputs are swapped for ``I`` so that they
+    cannot upset the solver for the others."""
+    finite_in = torch.isfinite(mats).flatten(1).all(dim=1)
+    eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
+    return torch.where(finite_in[:, None, None], 0.5 * (mats + mats.mT), eye), finite_in
+
+
+def _from_eigh(evals: Tensor, evecs: Tensor, damp: Tensor) -> Tensor:
+    """``V diag(1 / (max(e, 0) + d)) V^T``: the damped inverse from an eigendecomposition."""
+    inv_evals = 1.0 / (evals.clamp_min(0.0) + damp[:, None])
+    return (evecs * inv_evals[:, None, :]) @ evecs.mT
+
+
+def _finish(inv: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetrize, and zero (and mark failed) every non-finite or already failed inverse."""
+    inv = 0.5 * (inv + inv.mT)
+    ok = ok & torch.isfinite(inv).flatten(1).all(dim=1)
+    inv = torch.where(ok[:, None, None], inv, torch.zeros((), dtype=inv.dtype, device=inv.device))
+    return inv, ok
+
+
 def _invert(mats: Tensor, damping: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
     """Core of :func:`damped_inverse_batch`; also returns the per-matrix input-finite mask."""
-    finite_in = torch.isfinite(mats).flatten(1).all(dim=1)
+    sym, finite_in = _symmetrized(mats)
     ok = finite_in & torch.isfinite(damping) & (damping >= 0)
-    eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
-    # Bad inputs are swapped for I so that they cannot upset the solver for the others.
-    sym = torch.where(finite_in[:, None, None], 0.5 * (mats + mats.mT), eye)
     damp = torch.where(ok, damping, torch.ones_like(damping))
     if method == "eigh":
         evals, evecs, solved = _eigh(sym)
         ok = ok & solved
-        inv_evals = 1.0 / (evals.clamp_min(0.0) + damp[:, None])
-        inv = (evecs * inv_evals[:, None, :]) @ evecs.mT
+        inv = _from_eigh(evals, evecs, damp)
     elif method == "cholesky":
+        eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
         factor, info = torch.linalg.cholesky_ex(sym + damp[:, None, None] * eye)
         ok = ok & (info == 0)
         factor = torch.where(ok[:, None, None], factor, eye)
         inv = torch.cholesky_inverse(factor)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    inv = 0.5 * (inv + inv.mT)
-    ok = ok & torch.isfinite(inv).flatten(1).all(dim=1)
-    inv = torch.where(ok[:, None, None], inv, torch.zeros((), dtype=inv.dtype, device=inv.device))
+    inv, ok = _finish(inv, ok)
+    return inv, ok, finite_in
+
+
+@dataclass
+class _Eig:
+    """A block's cached eigendecomposition and the tensor (and version) it was taken of."""
+
+    source: Tensor
+    version: int
+    evals: Tensor  # (n, k) in the compute dtype
+    evecs: Tensor  # (n, k, k)
+
+    def matches(self, source: Tensor, dtype: torch.dtype) -> bool:
+        return (
+            self.source is source
+            and self.source._version == self.version
+            and self.evals.dtype == dtype
+        )
+
+
+def _invert_eigh_cached(
+    blocks: Sequence[_Block],
+    counts: list[int],
+    mats: Tensor,
+    damping: Tensor,
+    cache: dict[str, _Eig],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_invert` with ``"eigh"``, decomposing only blocks whose matrices changed since
+    their cached decomposition (a damping change alone costs one matrix product).
+
+    Whether a block's decomposition came from the cache or not, the inverses of the group
+    are composed in the same batched product, so the result does not depend on the cache.
+    """
+    dtype = mats.dtype
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    fresh = [
+        i
+        for i, b in enumerate(blocks)
+        if (entry := cache.get(b.name)) is None or not entry.matches(b.source, dtype)
+    ]
+    evals = mats.new_empty(mats.shape[:2])
+    evecs = torch.empty_like(mats)
+    finite_in = torch.ones(mats.shape[0], dtype=torch.bool, device=mats.device)
+    solved = torch.ones_like(finite_in)
+    if fresh:
+        index = torch.cat(
+            [torch.arange(starts[i], starts[i] + counts[i], device=mats.device) for i in fresh]
+        )
+        sym, fin = _symmetrized(mats[index])
+        e, v, ok_eig = _eigh(sym)
+        evals[index], evecs[index], finite_in[index], solved[index] = e, v, fin, ok_eig
+        good = (fin & ok_eig).tolist()
+        offset = 0
+        for i in fresh:
+            block, n = blocks[i], counts[i]
+            if all(good[offset : offset + n]):
+                cache[block.name] = _Eig(
+                    block.source,
+                    block.source._version,
+                    e[offset : offset + n],
+                    v[offset : offset + n],
+                )
+            else:
+                cache.pop(block.name, None)
+            offset += n
+    for i, block in enumerate(blocks):
+        if i not in fresh:
+            entry = cache[block.name]
+            evals[starts[i] : starts[i] + counts[i]] = entry.evals
+            evecs[starts[i] : starts[i] + counts[i]] = entry.evecs
+    ok = finite_in & solved & torch.isfinite(damping) & (damping >= 0)
+    damp = torch.where(ok, damping, torch.ones_like(damping))
+    inv, ok = _finish(_from_eigh(evals, evecs, damp), ok)
     return inv, ok, finite_in
 
 
@@ -240,6 +335,7 @@ class _Block:
     mats: Tensor  # (n, k, k) view of the input
     shape: torch.Size  # the input's shape, (k, k) or (C, k, k)
     damping: Tensor | float  # scalar, or (n,) tensor
+    source: Tensor  # the input itself
 
 
 @dataclass
@@ -274,11 +370,18 @@ def _prepare(name: str, tensor: Tensor, damping: float | Tensor) -> _Block:
             )
     else:
         damp = _check_damping_value(damping, f"damping[{name!r}]")
-    return _Block(name, mats, tensor.shape, damp)
+    return _Block(name, mats, tensor.shape, damp, tensor)
 
 
-def _run(blocks: Sequence[_Block], method: str, compute_dtype: torch.dtype) -> list[_Outcome]:
-    """Invert all matrices of ``blocks`` (same k, dtype, device) in one batched call."""
+def _run(
+    blocks: Sequence[_Block],
+    method: str,
+    compute_dtype: torch.dtype,
+    cache: dict[str, _Eig] | None = None,
+) -> list[_Outcome]:
+    """Invert all matrices of ``blocks`` (same k, dtype, device) in one batched call.
+
+    With ``cache`` (``"eigh"`` only) eigendecompositions are reused and recorded there."""
     first = blocks[0].mats
     dtype, device = first.dtype, first.device
     counts = [b.mats.shape[0] for b in blocks]
@@ -295,7 +398,10 @@ def _run(blocks: Sequence[_Block], method: str, compute_dtype: torch.dtype) -> l
                 for b, n in zip(blocks, counts, strict=True)
             ]
         )
-    inv, ok, finite_in = _invert(mats, damping, method)
+    if method == "eigh" and cache is not None:
+        inv, ok, finite_in = _invert_eigh_cached(blocks, counts, mats, damping, cache)
+    else:
+        inv, ok, finite_in = _invert(mats, damping, method)
     if compute_dtype != dtype:
         inv = inv.to(dtype)
         ok = ok & torch.isfinite(inv).flatten(1).all(dim=1)
@@ -336,6 +442,7 @@ class DampedInverter:
         self.config = config if config is not None else InversionConfig()
         self._inverses: dict[str, Tensor] = {}
         self._failures: dict[str, int] = {}
+        self._eig: dict[str, _Eig] = {}  # "eigh": decompositions for re-damping
         self.last_report = InversionReport()
 
     @property
@@ -375,7 +482,7 @@ class DampedInverter:
         results: dict[str, Tensor] = {}
         failed: list[_Block] = []
         for (_, dtype, _), members in groups.items():
-            outcomes = _run(members, method, dtype)
+            outcomes = _run(members, method, dtype, self._eig)
             tally.calls += 1
             retry: list[_Block] = []
             for block, out in zip(members, outcomes, strict=True):
@@ -392,7 +499,9 @@ class DampedInverter:
             if retry:
                 tally.retried.extend(b.name for b in retry)
                 tally.calls += 1
-                for block, out in zip(retry, _run(retry, method, torch.float64), strict=True):
+                for block, out in zip(
+                    retry, _run(retry, method, torch.float64, self._eig), strict=True
+                ):
                     if out.ok:
                         results[block.name] = out.inverse
                         tally.recovered.append(block.name)
@@ -460,3 +569,4 @@ class DampedInverter:
                 raise ValueError(f"failure count for {name!r} must be an int >= 0, got {count!r}")
         self._inverses = {name: inv.detach().clone() for name, inv in inverses.items()}
         self._failures = {name: int(count) for name, count in failures.items()}
+        self._eig.clear()

@@ -323,10 +323,10 @@ def same_conv2d_gram(x: Tensor, kh: int, kw: int, has_bias: bool) -> Tensor:
     (the whole image except up to ``kh//2`` edge rows and ``kw//2`` edge columns). The image is
     cut into regions (each edge row/column alone, the interior as one block) that lie
     entirely inside or outside every ``W_ij``; the correlation of each region with the
-    zero-padded input at all ``(2 kh - 1) x (2 kw - 1)`` offsets is a convolution weight
-    gradient (one ``convolution_backward`` per region; the regions partition the image, so
-    together they cost one such call over the image), and ``A`` is assembled from the
-    region sums each tap sees. Equal to the im2col Gram up to round-off.
+    zero-padded input at the ``kh x (2 kw - 1)`` offsets with ``d >= 0`` (``A`` is symmetric)
+    is a convolution weight gradient (one ``convolution_backward`` per region; the regions
+    partition the image, so together they cost one such call over the image), and ``A`` is
+    assembled from the region sums each tap sees. Equal to the im2col Gram up to round-off.
 
     Args:
         x: ``(N, C, H, W)`` input in float32 or float64.
@@ -343,15 +343,17 @@ def same_conv2d_gram(x: Tensor, kh: int, kw: int, has_bias: bool) -> Tensor:
     ph, pw = kh // 2, kw // 2
     oh, ow = 2 * ph, 2 * pw  # largest offsets between two taps
     x = x.detach().contiguous()
-    xp = F.pad(x, (ow, ow, oh, oh))
+    # A is symmetric: only row offsets d = i' - i >= 0 are computed (the others are the
+    # transposed blocks), so the partner pixel is never above the first one
+    xp = F.pad(x, (ow, ow, 0, oh))
     rows, cols = _line_groups(h, ph), _line_groups(w, pw)
-    weight_shape = [c, c, 2 * oh + 1, 2 * ow + 1]
-    # corr[r, q, c, c', a, b] = sum over region (r, q) of x[c, s, t] x[c', s + a - oh, t + b - ow]
-    corr = x.new_empty((len(rows), len(cols), c, c, 2 * oh + 1, 2 * ow + 1))
+    weight_shape = [c, c, oh + 1, 2 * ow + 1]
+    # corr[r, q, c, c', d, b] = sum over region (r, q) of x[c, s, t] x[c', s + d, t + b - ow]
+    corr = x.new_empty((len(rows), len(cols), c, c, oh + 1, 2 * ow + 1))
     for ri, (r0, r1) in enumerate(rows):
         for qi, (q0, q1) in enumerate(cols):
             grad_out = x[:, :, r0:r1, q0:q1]
-            inp = xp[:, :, r0 : r1 + 2 * oh, q0 : q1 + 2 * ow]
+            inp = xp[:, :, r0 : r1 + oh, q0 : q1 + 2 * ow]
             corr[ri, qi] = torch.ops.aten.convolution_backward(
                 grad_out,
                 inp,
@@ -367,17 +369,23 @@ def same_conv2d_gram(x: Tensor, kh: int, kw: int, has_bias: bool) -> Tensor:
             )[1]
     kept_r = _kept(rows, kh, h, ph).to(x)
     kept_c = _kept(cols, kw, w, pw).to(x)
-    # per tap (i, j): the correlations over the pixels it visits
-    tap = torch.einsum("ir,jq,rqz->ijz", kept_r, kept_c, corr.reshape(len(rows), len(cols), -1))
-    tap = tap.reshape(kh, kw, c, c, 2 * oh + 1, 2 * ow + 1)
-    di = torch.arange(kh)
-    dj = torch.arange(kw)
-    ii = di.view(kh, 1, 1, 1)
-    jj = dj.view(1, kw, 1, 1)
-    aa = (di.view(1, 1, kh, 1) - di.view(kh, 1, 1, 1) + oh).expand(kh, kw, kh, kw)
-    bb = (dj.view(1, 1, 1, kw) - dj.view(1, kw, 1, 1) + ow).expand(kh, kw, kh, kw)
-    # blocks[i, j, i', j', c, c'] = tap[i, j, c, c', i' - i + oh, j' - j + ow]
-    blocks = tap.permute(0, 1, 4, 5, 2, 3)[ii, jj, aa, bb]
+    # per tap (i, j): the correlations over the pixels it visits, as tap[i, j, d, b, c, c']
+    seen = torch.kron(kept_r, kept_c)  # (kh kw, R Q): tap (i, j) sees region (r, q)
+    tap = seen @ corr.reshape(len(rows) * len(cols), -1)
+    tap = tap.reshape(kh, kw, c, c, oh + 1, 2 * ow + 1).permute(0, 1, 4, 5, 2, 3)
+    i = torch.arange(kh).view(kh, 1, 1, 1)
+    j = torch.arange(kw).view(1, kw, 1, 1)
+    i2 = torch.arange(kh).view(1, 1, kh, 1)
+    j2 = torch.arange(kw).view(1, 1, 1, kw)
+    lower = (i2 < i).expand(kh, kw, kh, kw)
+    # blocks[i, j, i', j'] = tap[i, j, i' - i, j' - j + ow] for i' >= i, else the transpose
+    # of blocks[i', j', i, j]
+    first_i = torch.where(lower, i2, i)
+    first_j = torch.where(lower, j2, j)
+    offset_d = (i2 - i).abs().expand(kh, kw, kh, kw)
+    offset_b = torch.where(lower, j - j2, j2 - j) + ow
+    gathered = tap[first_i, first_j, offset_d, offset_b]  # (kh, kw, kh, kw, c, c)
+    blocks = torch.where(lower[..., None, None], gathered.mT, gathered)
     d = c * kh * kw
     gram = blocks.permute(4, 0, 1, 5, 2, 3).reshape(d, d)
     if not has_bias:

@@ -159,6 +159,12 @@ def output_grad_sum(gy: Tensor, channel_dim: int = -1) -> Tensor:
     Returns a ``(C, C)`` matrix in float32 (float64 for float64 input).
     """
     g = _to_stat(gy)
+    cd = channel_dim % g.dim() if g.dim() else 0
+    if g.dim() >= 3 and cd == 1 and g.is_contiguous():
+        # (N, C, positions...): per-sample (C, P) @ (P, C) products, no transposed copy
+        g3 = g.reshape(g.shape[0], g.shape[1], -1)
+        with _autocast_off(g.device):
+            return torch.matmul(g3, g3.mT).sum(dim=0)
     g = g.movedim(channel_dim, -1)
     g = g.reshape(-1, g.shape[-1])
     with _autocast_off(g.device):

@@ -119,3 +119,37 @@ def test_captured_unitwise_fisher_matches_oracle_with_inplace_activation(
     F.cross_entropy(model(x), y).backward()
     opt.step()
     torch.testing.assert_close(opt.engine.stats["1.F"], want, rtol=1e-9, atol=1e-12)
+
+
+def test_unitwise_blocks_preconditioned_together_equal_one_by_one() -> None:
+    """All BatchNorm/LayerNorm blocks go through one batched product; each result equals
+    its own (F_c + lambda I)^-1 [g_gamma_c, g_beta_c], also for a 2-D LayerNorm shape."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.LayerNorm((4, 4)),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    ).to(DT)
+    x, y = torch.randn(8, 2, 4, 4, dtype=DT), torch.randint(0, 3, (8,))
+    lam = 1e-2
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=lam, staleness=False)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+    before = {p: p.detach().clone() for p in model.parameters()}
+    opt.step()
+    for name in ("1", "4", "5"):
+        norm = model[int(name)]
+        f = opt.engine.stats[f"{name}.F"]
+        gw, gb = grads[norm.weight].reshape(-1), grads[norm.bias].reshape(-1)
+        v = torch.stack([gw, gb], dim=-1)
+        want = torch.linalg.solve(f + lam * torch.eye(2, dtype=DT), v)
+        got_w = (before[norm.weight] - norm.weight.detach()).reshape(-1)
+        got_b = (before[norm.bias] - norm.bias.detach()).reshape(-1)
+        torch.testing.assert_close(got_w, want[:, 0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got_b, want[:, 1], rtol=1e-9, atol=1e-12)

@@ -166,6 +166,7 @@ class KFACEngine:
         """
         out: dict[Tensor, Tensor] = {}
         same_shape: dict[tuple[Any, ...], list[Block]] = {}
+        unitwise: dict[tuple[Any, ...], list[Block]] = {}
         for block in self.blocks.values():
             if not self.ready(block) or any(p not in grads for p in block.params):
                 continue
@@ -185,11 +186,20 @@ class KFACEngine:
                 results = [pre]
             else:
                 f_inv = self.inverses[f"{name}.F"]
-                gw, gb = (g.reshape(-1).to(f_inv.dtype) for g in gs)
-                pw, pb = L.unitwise_precondition(gw, gb, f_inv)
-                results = [pw.view_as(gs[0]), pb.view_as(gs[1])]
+                unitwise.setdefault(("F", f_inv.dtype, f_inv.device), []).append(block)
+                continue
             for p, r in zip(block.params, results, strict=True):
                 out[p] = r.to(grads[p].dtype)
+        for key, blocks in unitwise.items():  # every unit-wise block in one batched product
+            f_stack = self._stacked_unitwise(key, blocks)
+            gw = torch.cat([grads[b.params[0]].reshape(-1) for b in blocks]).to(f_stack.dtype)
+            gb = torch.cat([grads[b.params[1]].reshape(-1) for b in blocks]).to(f_stack.dtype)
+            pw, pb = L.unitwise_precondition(gw, gb, f_stack)
+            sizes = [b.params[0].numel() for b in blocks]
+            for block, w, b in zip(blocks, pw.split(sizes), pb.split(sizes), strict=True):
+                gamma, beta = block.params
+                out[gamma] = w.reshape(grads[gamma].shape).to(grads[gamma].dtype)
+                out[beta] = b.reshape(grads[beta].shape).to(grads[beta].dtype)
         for key, blocks in same_shape.items():
             a_stack, g_stack = self._stacked_inverses(key, blocks)
             mats = torch.stack(
@@ -211,6 +221,16 @@ class KFACEngine:
             g = torch.stack([self.inverses[f"{n}.G"] for n in names])
             cached = self._stack_cache[key] = (names, a, g)
         return cached[1], cached[2]
+
+    def _stacked_unitwise(self, key: tuple[Any, ...], blocks: list[Block]) -> Tensor:
+        """The (C, 2, 2) inverses of unit-wise blocks, concatenated and cached like
+        :meth:`_stacked_inverses`."""
+        names = tuple(b.name for b in blocks)
+        cached = self._stack_cache.get(key)
+        if cached is None or cached[0] != names:
+            f = torch.cat([self.inverses[f"{n}.F"] for n in names])
+            cached = self._stack_cache[key] = (names, f, f)
+        return cached[1]
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -67,8 +67,10 @@ def test_xhat_from_output_refuses_small_or_zero_gamma() -> None:
     assert normalized_from_output(y, torch.tensor([1.0, 2.0 / ratio, 1.0]), beta) is not None
     # gamma == 0 with beta == 0 is not "safe" either (x_hat is undefined)
     assert normalized_from_output(y, torch.zeros(3), torch.zeros(3)) is None
-    # float32 output: float32 result
-    out = normalized_from_output(y.half(), torch.ones(3), beta)
+    # half-precision outputs are refused (the input path is more accurate there)
+    assert normalized_from_output(y.half(), torch.ones(3), beta) is None
+    assert normalized_from_output(y.bfloat16(), torch.ones(3), beta) is None
+    out = normalized_from_output(y, torch.ones(3), beta)
     assert out is not None
     assert out.dtype == torch.float32
 

@@ -8,10 +8,13 @@ forward and backward passes the user runs anyway:
 - ``nn.Embedding``: a diagonal A (index counts) and a full G.
 
 Robustness choices (where hook-only designs fail): A and unit-wise inputs are reduced inside
-the forward hook, so a later in-place activation cannot corrupt them; G comes from a tensor
-hook on the layer's output registered before any in-place op (it receives the gradient of
-the layer output itself); a module called several times per forward accumulates every call
-(the "expand" convention: extra calls act as extra positions); inputs under
+the forward hook, so a later in-place activation cannot corrupt them (a norm layer's
+``x_hat`` is recovered there from its output as ``(y - beta) / gamma`` in one pass, or
+re-normalised from its input where gamma is too small or the output is half precision);
+G comes from a tensor hook on the layer's output registered before any in-place op (it
+receives the gradient of the layer output itself); a module called several times per
+forward accumulates every call (the "expand" convention: extra calls act as extra
+positions); inputs under
 ``torch.autocast`` are reduced in float32; forwards without grad (evaluation) are ignored;
 and a block whose hooks did not fire is reported by name instead of failing later.
 

@@ -556,9 +556,12 @@ def normalized_from_output(
     an int ``k``: LayerNorm, gamma/beta have the shape of the trailing ``k`` dims of ``y``.
     Returns ``None`` (the caller falls back to :func:`batchnorm_normalized_input` /
     :func:`layernorm_normalized_input`) when some ``|gamma| <= |beta| / ratio`` (including
-    ``gamma == 0``) or a parameter is not finite, see :data:`XHAT_FROM_OUTPUT_MAX_RATIO`.
+    ``gamma == 0``) or a parameter is not finite, see :data:`XHAT_FROM_OUTPUT_MAX_RATIO`,
+    and for a half-precision output (autocast), whose rounding would be amplified.
     The result is float32 (float64 for float64 ``y``).
     """
+    if y.dtype not in (torch.float32, torch.float64):
+        return None  # a bf16/fp16 output (autocast) has lost too many digits for this
     ys = _to_stat(y)
     gamma = weight.detach().to(ys.dtype)
     beta = bias.detach().to(ys.dtype)

@@ -483,6 +483,41 @@ def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
     assert batches == [("0", "2", "4"), ("6",)]  # the three 6x6 layers share one batch
 
 
+def test_stacked_inverses_follow_partial_reinversion() -> None:
+    """Only some blocks of a same-shape batch are re-inverted (a damping change in their
+    param group); the cached stacks must serve their new inverses and keep the others."""
+    from bigbatch.curvature.layers import kronecker_precondition
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 2)
+    ).double()
+    groups = [
+        {"params": list(model[0].parameters()) + list(model[5].parameters())},
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},
+    ]
+    stale = StalenessConfig(threshold=10.0, initial_interval=8, max_interval=8)
+    opt = SPNGD(model, lr=0.01, damping=1e-2, staleness=stale, params=groups)
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 2, (20,))
+    for step in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.param_groups[0]["damping"] = 1e-2 * (step + 1)
+        opt.step()
+        if step:
+            assert sorted(opt.last_report.inverted) == ["0", "5"]
+        grads = {p: torch.randn_like(p) for p in model.parameters()}
+        got = opt.engine.precondition(grads)
+        for name in ("0", "2", "4", "5"):
+            layer = model[int(name)]
+            mat = torch.cat([grads[layer.weight], grads[layer.bias][:, None]], dim=1)
+            want = kronecker_precondition(
+                mat, opt.engine.inverses[f"{name}.A"], opt.engine.inverses[f"{name}.G"]
+            )
+            torch.testing.assert_close(got[layer.weight], want[:, :-1], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got[layer.bias], want[:, -1], rtol=1e-12, atol=1e-14)
+
+
 def test_embedding_and_layernorm_blocks_train_a_sequence_model() -> None:
     torch.manual_seed(0)
 

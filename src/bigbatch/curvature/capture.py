@@ -14,9 +14,9 @@ re-normalised from its input where gamma is too small or the output is half prec
 G comes from a tensor hook on the layer's output registered before any in-place op (it
 receives the gradient of the layer output itself); a module called several times per
 forward accumulates every call (the "expand" convention: extra calls act as extra
-positions); inputs under
-``torch.autocast`` are reduced in float32; forwards without grad (evaluation) are ignored;
-and a block whose hooks did not fire is reported by name instead of failing later.
+positions); inputs under ``torch.autocast`` are reduced in float32; forwards without grad
+(evaluation) are ignored; and a block whose hooks did not fire is reported by name instead
+of failing later.
 
 Statistics are kept as SUMS with sample and position counts, so micro-batches combine
 exactly as one large batch would. This module does not invert or schedule anything.

@@ -131,7 +131,7 @@ class KFACEngine:
         if named:
             self.inverses.update(self.inverter.invert(named, damping))
         if blocks:
-            self._stack_cache.clear()
+            self._refresh_stacks({b.name for b in blocks})
         for block in blocks:
             self.damping_used[block.name] = damping_of(block)
 
@@ -221,6 +221,30 @@ class KFACEngine:
             g = torch.stack([self.inverses[f"{n}.G"] for n in names])
             cached = self._stack_cache[key] = (names, a, g)
         return cached[1], cached[2]
+
+    def _refresh_stacks(self, inverted: set[str]) -> None:
+        """Bring the cached stacks up to date after ``inverted`` blocks got new inverses:
+        their slices are overwritten in place (no re-stacking of the unchanged blocks)."""
+        for key, (names, a, g) in list(self._stack_cache.items()):
+            hit = [k for k, n in enumerate(names) if n in inverted]
+            if not hit:
+                continue
+            if key[0] == "F":  # unit-wise: small, rebuilt on next use
+                del self._stack_cache[key]
+                continue
+            for k in hit:
+                new_a = self.inverses[f"{names[k]}.A"]
+                new_g = self.inverses[f"{names[k]}.G"]
+                if (new_a.shape, new_a.dtype, new_g.shape, new_g.dtype) != (
+                    a[k].shape,
+                    a.dtype,
+                    g[k].shape,
+                    g.dtype,
+                ):
+                    del self._stack_cache[key]
+                    break
+                a[k].copy_(new_a)
+                g[k].copy_(new_g)
 
     def _stacked_unitwise(self, key: tuple[Any, ...], blocks: list[Block]) -> Tensor:
         """The (C, 2, 2) inverses of unit-wise blocks, concatenated and cached like

@@ -79,3 +79,14 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(other)
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["novalue"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "configs").glob("*.*")), ids=lambda p: p.name
+)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from bigbatch.train.optimizers import optimizer_spec
+
+    cfg = load_config(path)
+    for name in (cfg.optimizer.name, *cfg.compare.optimizers):
+        optimizer_spec(name)

@@ -228,13 +228,18 @@ def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     dilation = _pair(conv.dilation, "dilation")
     stride = _pair(conv.stride, "stride")
     left, right, top, bottom = _conv2d_explicit_padding(conv, kernel, dilation)
-    x = x.detach()
-    if left == right and top == bottom:
-        cols = F.unfold(x, kernel, dilation=dilation, padding=(top, left), stride=stride)
-    else:
-        x = F.pad(x, (left, right, top, bottom))
-        cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
-    return cols.transpose(1, 2)
+    # A strided view of the padded input gathered by one reshape: the same patches as
+    # F.unfold, which is several times slower on the CPU at large batch.
+    xp = F.pad(x.detach(), (left, right, top, bottom)).contiguous()
+    n, c, h, w = xp.shape
+    out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    s_n, s_c, s_h, s_w = xp.stride()
+    view = xp.as_strided(
+        (n, max(out_h, 0), max(out_w, 0), c, kernel[0], kernel[1]),
+        (s_n, s_h * stride[0], s_w * stride[1], s_c, s_h * dilation[0], s_w * dilation[1]),
+    )
+    return view.reshape(n, max(out_h, 0) * max(out_w, 0), c * kernel[0] * kernel[1])
 
 
 def conv2d_input_sum(

@@ -106,7 +106,7 @@ class TrainConfig(_Section):
     """The budget and the bookkeeping of one run."""
 
     seed: int = Field(default=0, ge=0)
-    epochs: float = Field(default=10.0, gt=0)
+    epochs: float = Field(default=12.0, gt=0)
     batch_size: int = Field(default=8192, gt=0)
     #: Samples per forward/backward; the batch is accumulated over batch/micro_batch_size
     #: micro-batches. 0 = the whole batch at once; -1 = chosen automatically from memory.
@@ -116,7 +116,7 @@ class TrainConfig(_Section):
     #: Checkpoint every this many steps; 0 = only at the end (and on Ctrl-C).
     checkpoint_every: int = Field(default=0, ge=0)
     #: Test accuracy whose first crossing is reported as "steps to target".
-    target_accuracy: float = Field(default=0.9, gt=0, le=1)
+    target_accuracy: float = Field(default=0.85, gt=0, le=1)
     threads: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: Literal["auto", "always", "never"] = "auto"

@@ -92,7 +92,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
         OptimizerSpec("sgd", "SGD", _sgd, (0.05, 0.1, 0.2), {"momentum": 0.0}),
-        OptimizerSpec("momentum", "SGD momentum 0.9", _sgd, (0.05, 0.1, 0.2), {"momentum": 0.9}),
+        OptimizerSpec("momentum", "SGD momentum 0.9", _sgd, (0.1, 0.2, 0.4), {"momentum": 0.9}),
         OptimizerSpec(
             "nesterov",
             "SGD Nesterov 0.9",

@@ -79,12 +79,24 @@ def _best_steps(c: Choice, target: float) -> int | None:
     return min(reached) if reached else None
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
+
+
 def _context(cfg: Config, command: str, dataset: ImageDataset) -> dict[str, Any]:
     held_out = validation_count(cfg.data.validation_size, len(dataset.train_y))
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,

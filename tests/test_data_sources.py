@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pytest
 import torch
 
 from bigbatch.train.data import DatasetError, cifar_pickle, idx, load_dataset, sources
+from tests.http_server import Server
 
 SPEC = idx.MNIST
 
@@ -246,30 +245,6 @@ def test_unwritable_cache_is_not_fatal(
 
 
 # ------------------------------------------------------------------------- download
-class Server:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        requests = self.requests
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self) -> None:
-                requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files/"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     srv = Server(tmp_path / "www")

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +21,7 @@ import torch
 
 from bigbatch.train import DatasetError, FashionMNIST, load_fashion_mnist
 from bigbatch.train.data import fashion_mnist as fm
+from tests.http_server import Server
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 SIZES = {"train": 6, "test": 4}
@@ -278,33 +276,6 @@ def test_real_files() -> None:
 
 
 # ------------------------------------------------------------------------- download
-class Server:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        requests = self.requests
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self) -> None:
-                requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files/"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def fetched(self) -> list[str]:
-        return sorted(p.rsplit("/", 1)[-1] for p in self.requests)
-
-
 @pytest.fixture
 def server(tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     for var in ("no_proxy", "NO_PROXY"):  # never send 127.0.0.1 through a proxy

@@ -4,12 +4,19 @@ Configuration comes from the defaults, then an optional TOML/YAML file (``--conf
 the shortcut flags, then ``--set section.key=value`` overrides (last wins). Errors in the
 configuration, the data or a checkpoint print one message naming the problem and exit with
 status 2; Ctrl-C saves a checkpoint and exits with 130 (continue with ``--resume``).
+
+Data-parallel: ``--nproc N`` re-launches the command as N local processes through
+``python -m torch.distributed.run --standalone --nproc-per-node N -m bigbatch.train.cli``
+(the same arguments); the command may also be started by ``torchrun`` directly, on one
+machine or several (see ``dist_env.py``). Rank 0 alone prints, writes and reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +24,15 @@ from pathlib import Path
 from bigbatch.train.checkpoint import CheckpointError
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
+from bigbatch.train.dist_env import (
+    TIMEOUT_ENV,
+    PeerRankError,
+    check_distributed,
+    context,
+    from_main,
+    init_from_env,
+    shutdown,
+)
 from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.malloc_tuning import tune_malloc
 from bigbatch.train.models import MODEL_NAMES
@@ -32,7 +48,14 @@ EPILOG = (
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    if context().is_main:
+        print(message, flush=True)
+
+
+def _error(message: str) -> None:
+    ctx = context()
+    where = f" (rank {ctx.rank})" if ctx.enabled else ""
+    print(f"bigbatch: error{where}: {message}", file=sys.stderr, flush=True)
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -66,6 +89,20 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
         "--resume", action="store_true", help="continue from the checkpoints in --out"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel over N local processes (re-launched through torchrun)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long a collective waits for the other processes (sets {TIMEOUT_ENV}; "
+        "default 300)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,25 +166,103 @@ def _load(cfg: Config) -> ImageDataset:
         raise ConfigError(f"data.name={d.name!r}: {exc}") from None
 
 
+def _check_world(command: str, cfg: Config, world_size: int) -> None:
+    if command == "train":
+        batches, optimizers = [cfg.train.batch_size], [cfg.optimizer.name]
+    else:
+        batches = [cfg.train.batch_size] if command == "compare" else list(cfg.sweep.batch_sizes)
+        optimizers = list(cfg.compare.optimizers)
+    check_distributed(
+        world_size,
+        batch_sizes=batches,
+        micro_batch_size=cfg.train.micro_batch_size,
+        optimizers=optimizers,
+    )
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` (torchrun's parser would take it for its own)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name.startswith("--np") and "--nproc".startswith(name):
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
+def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    """The torchrun command that runs ``bigbatch <argv>`` as ``nproc`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "bigbatch.train.cli",
+        *_without_nproc(argv),
+    ]
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run the same command under torchrun; wait for it (Ctrl-C reaches the workers too)."""
+    proc = subprocess.Popen(launch_command(nproc, argv))
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:  # the workers checkpoint and stop; keep waiting for them
+            interrupted = True
+    return 130 if interrupted and code != 0 else code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bigbatch`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     tune_malloc()
-    command = "bigbatch " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "bigbatch " + " ".join(shlex.quote(a) for a in arguments)
+    if args.dist_timeout is not None:
+        os.environ[TIMEOUT_ENV] = str(args.dist_timeout)
     try:
         cfg = load_config(args.config, _overrides(args))
-        dataset = _load(cfg)
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher
+            _check_world(args.command, cfg, args.nproc)
+            return _launch(args.nproc, arguments)
+        ctx = init_from_env(cfg.train.device)
+        _check_world(args.command, cfg, ctx.world_size)
+        loaded: list[ImageDataset] = []
+        # rank 0 loads (and downloads) first; its error reaches every rank
+        from_main(ctx, lambda: loaded.append(_load(cfg)))
+        dataset = loaded[0] if loaded else _load(cfg)
         _say(
             f"data: {dataset.name} from {dataset.source} "
             f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
         )
         return _run(args.command, cfg, dataset, args.out, args.resume, command)
     except (ConfigError, DatasetError, CheckpointError) as exc:
-        print(f"bigbatch: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
+    except PeerRankError as exc:
+        _error(str(exc))
+        return 1
     except TrainingInterrupted as exc:
-        print(f"\nbigbatch: {exc}; continue with the same command and --resume", file=sys.stderr)
+        if context().is_main:
+            print(
+                f"\nbigbatch: {exc}; continue with the same command and --resume",
+                file=sys.stderr,
+            )
         return 130
+    finally:
+        shutdown()
 
 
 def _run(
@@ -157,7 +272,9 @@ def _run(
     from bigbatch.train.loop import TrainingRun
     from bigbatch.train.report import write_compare, write_sweep
 
-    out.mkdir(parents=True, exist_ok=True)
+    main = context().is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if command == "train":
         result = TrainingRun(cfg, dataset, out).run(resume=resume)
         _say(
@@ -168,9 +285,13 @@ def _run(
         return 0 if result.status == "finished" else 1
     if command == "compare":
         choices = run_compare(cfg, dataset, out, resume=resume, say=_say)
+        if not main:
+            return 0
         md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset)
     else:
         choices = run_sweep(cfg, dataset, out, resume=resume, say=_say)
+        if not main:
+            return 0
         md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset)
     _say("\n" + table)
     _say(f"table: {md}\nplot:  {png}")

@@ -5,7 +5,9 @@ config, metrics, checkpoint and summary; the data are loaded and normalised once
 Each optimizer's learning rate is chosen by the last validation accuracy (or the last test
 accuracy with ``compare.select_by = "test"``, which the report then says); a diverged run is
 never chosen. With ``resume``, finished runs are read back from their folders, interrupted
-ones continue from their checkpoints, so a long sweep survives interruptions.
+ones continue from their checkpoints, so a long sweep survives interruptions. Under
+``torchrun`` every run of the grid is data-parallel over the same processes; rank 0 decides
+which runs are finished (from its folders) and tells the others.
 
 Not here: one run (``loop.py``), drawing (``plots.py``), tables (``report.py``).
 """
@@ -16,11 +18,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from bigbatch.train.batches import Split, prepare_splits
 from bigbatch.train.config import Config, OptimizerConfig
 from bigbatch.train.data import ImageDataset
+from bigbatch.train.dist_env import (
+    check_distributed,
+    context,
+    from_main,
+    init_from_env,
+    local_device,
+)
 from bigbatch.train.loop import RunResult, TrainingRun, resolve_device
 from bigbatch.train.metrics import read_metrics
 from bigbatch.train.optimizers import optimizer_spec
@@ -102,9 +114,10 @@ def run_grid(
     if select_by == "validation" and splits[1] is None:
         select_by = "test"
     runs: list[RunResult] = []
+    ctx = context()
     for lr in lrs:
         run_dir = out_dir / f"b{batch_size}" / optimizer / f"lr{lr:g}"
-        done = _finished(run_dir) if resume else None
+        done = from_main(ctx, partial(_finished, run_dir)) if resume else None
         if done is None:
             run = TrainingRun(
                 _run_config(cfg, optimizer, lr, batch_size),
@@ -113,7 +126,8 @@ def run_grid(
                 name=f"{optimizer} lr={lr:g} b={batch_size}",
                 splits=splits,
             )
-            done = run.run(resume=resume and run.checkpoint_path.is_file())
+            started = resume and from_main(ctx, run.checkpoint_path.is_file)
+            done = run.run(resume=started)
         runs.append(done)
         say(
             f"  {optimizer:>9} lr={lr:<8g} batch={batch_size:<6} {done.status:>8}  "
@@ -124,13 +138,28 @@ def run_grid(
     return Choice(optimizer, batch_size, runs, best[0] if best[1] > -math.inf else None)
 
 
+def _check_world(cfg: Config, batch_sizes: list[int]) -> None:
+    """Fail before any training if the grid cannot run on this many processes."""
+    check_distributed(
+        init_from_env(cfg.train.device).world_size,
+        batch_sizes=batch_sizes,
+        micro_batch_size=cfg.train.micro_batch_size,
+        optimizers=cfg.compare.optimizers,
+    )
+
+
+def _device(cfg: Config) -> torch.device:
+    return local_device(resolve_device(cfg.train.device), context())
+
+
 def run_compare(
     cfg: Config, dataset: ImageDataset, out_dir: Path, *, resume: bool, say: Say
 ) -> list[Choice]:
     """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid."""
     for name in cfg.compare.optimizers:
         optimizer_spec(name, "compare.optimizers")  # fail before any training
-    splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
+    _check_world(cfg, [cfg.train.batch_size])
+    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
     started = time.perf_counter()
     choices = [
         run_grid(
@@ -157,7 +186,8 @@ def run_sweep(
     """Optimizers x batch sizes, each with its lr grid scaled by ``sweep.lr_scaling``."""
     for name in cfg.compare.optimizers:
         optimizer_spec(name, "compare.optimizers")
-    splits = prepare_splits(dataset, cfg.data.validation_size, resolve_device(cfg.train.device))
+    _check_world(cfg, list(cfg.sweep.batch_sizes))
+    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
     return [
         run_grid(
             cfg,

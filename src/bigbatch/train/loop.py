@@ -13,6 +13,21 @@ then the optimizer steps (NLCG gets the batch loss for its step control), the le
 schedule advances and the weight average (if any) is updated. A non-finite or exploding
 loss stops the run as "diverged" before anything reaches the weights.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1; see ``dist_env.py``) the run is data-parallel: rank
+``r`` of ``W`` takes the contiguous ``r``-th ``1/W`` of the step's global batch
+(``BatchOrder.indices(step)``) and accumulates its micro-batches with the same weights
+``len(micro) / batch_size``; the gradients are then summed across the ranks (a bucketed
+all-reduce after the accumulation, so the update equals the single-process full-batch
+update up to the order of the float sums), and floating-point buffers (BatchNorm running
+statistics) are averaged so that every rank holds the same model. Before that, one small
+all-reduce shares the batch loss (NLCG's step control and the divergence check see the
+global loss, so every rank decides alike), whether a rank failed (then every rank stops
+with that rank's error) and whether Ctrl-C was pressed on any rank. Augmentation, mixup and
+dropout draw from generators seeded by (seed, step, rank): deterministic for a seed and a
+world size, but not equal to a single-process run's draws. Evaluation is sharded and
+reduced; rank 0 alone writes metrics, checkpoints and the summary (a resume reads rank 0's
+checkpoint and broadcasts it). SP-NGD is refused under torchrun for now.
+
 Not here: building models/optimizers/data (their modules), comparing runs (``compare.py``).
 """
 
@@ -36,6 +51,15 @@ from bigbatch.train.batches import BatchOrder, Split, derive_seed, prepare_split
 from bigbatch.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bigbatch.train.config import Config, ConfigError
 from bigbatch.train.data import ImageDataset
+from bigbatch.train.dist_env import (
+    all_reduce_sum,
+    barrier,
+    check_distributed,
+    from_main,
+    init_from_env,
+    local_device,
+    raise_together,
+)
 from bigbatch.train.ema import make_ema
 from bigbatch.train.evaluate import evaluate
 from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted
@@ -131,7 +155,14 @@ class TrainingRun:
         self.run_dir = Path(run_dir)
         self.name = name or self.run_dir.name
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist = init_from_env(t.device)
+        check_distributed(
+            self.dist.world_size,
+            batch_sizes=[t.batch_size],
+            micro_batch_size=t.micro_batch_size,
+            optimizers=[cfg.optimizer.name],
+        )
+        self.device = local_device(resolve_device(t.device), self.dist)
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         self.train, self.val, self.test = splits or prepare_splits(
@@ -175,6 +206,10 @@ class TrainingRun:
         self.mixup = Mixup(r.mixup_alpha, running=r.running_mixup) if r.mixup_alpha else None
         self.ema = make_ema(self.model, r.ema_decay) if r.ema_decay > 0 else None
         self.micro = self._micro_batch_size()
+        if self.dist.enabled:
+            self._sync_from_main()
+        self._interrupt: GracefulInterrupt | None = None
+        self._stop_requested = False
         self.step = 0
         self.first_loss: float | None = None
         self.loss_sum = 0.0
@@ -185,12 +220,26 @@ class TrainingRun:
     # ------------------------------------------------------------------ setup
     def _micro_batch_size(self) -> int:
         m, batch = self.cfg.train.micro_batch_size, self.cfg.train.batch_size
+        batch //= self.dist.world_size  # this rank's share of the global batch
         if m == 0:
             return batch
         if m > 0:
             return m
         probe = self.train.x[:8], self.train.y[:8]
-        return auto_micro_batch(self.model, probe[0], probe[1], batch)
+        chosen = auto_micro_batch(self.model, probe[0], probe[1], batch)
+        if self.dist.enabled:  # the smallest choice of all ranks (a divisor of the share)
+            value = torch.tensor([chosen], dtype=torch.float64, device=self.dist.comm_device)
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+            chosen = int(value.item())
+        return chosen
+
+    def _sync_from_main(self) -> None:
+        """Every rank starts from rank 0's weights and buffers (as DDP does)."""
+        comm = self.dist.comm_device
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            data = tensor.data.to(comm)
+            torch.distributed.broadcast(data, src=0)
+            tensor.data.copy_(data)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -199,12 +248,14 @@ class TrainingRun:
     # ------------------------------------------------------------------ one step
     def _batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The step's augmented inputs and targets (class indices or soft targets)."""
-        idx = self.order.indices(step).to(self.device)
+        idx = self.order.indices(step)
+        if self.dist.enabled:  # this rank's contiguous share of the global batch
+            start, stop = self.dist.shard(idx.shape[0])
+            idx = idx[start:stop]
+        idx = idx.to(self.device)
         x, y = self.train.x[idx], self.train.y[idx]
         r = self.cfg.recipe
-        gen = torch.Generator(device=self.device).manual_seed(
-            derive_seed(self.cfg.train.seed, step, 1)
-        )
+        gen = torch.Generator(device=self.device).manual_seed(self._seed(step, 1))
         if r.crop_padding or r.flip:
             x = random_crop_flip(x, padding=r.crop_padding, generator=gen, flip=r.flip)
         if r.random_erasing > 0:
@@ -223,13 +274,16 @@ class TrainingRun:
         loss: Tensor = soft_cross_entropy(logits.float(), target)
         return loss
 
-    def _train_step(self) -> float:
-        torch.manual_seed(derive_seed(self.cfg.train.seed, self.step, 2))
-        x, target = self._batch(self.step)
-        batch = x.shape[0]
-        self.optimizer.zero_grad(set_to_none=True)
+    def _seed(self, step: int, purpose: int) -> int:
+        """The seed of one step's random draws; per rank in a data-parallel run."""
+        if self.dist.enabled:
+            return derive_seed(self.cfg.train.seed, step, purpose, self.dist.rank)
+        return derive_seed(self.cfg.train.seed, step, purpose)
+
+    def _accumulate(self, x: Tensor, target: Tensor, batch: int) -> Tensor:
+        """Forward/backward of ``x`` in micro-batches, each weighted by ``len / batch``."""
         total = torch.zeros((), device=self.device)
-        for start in range(0, batch, self.micro):
+        for start in range(0, x.shape[0], self.micro):
             xs, ts = x[start : start + self.micro], target[start : start + self.micro]
             logits = self.model(xs)
             loss = self._loss(logits, ts) * (xs.shape[0] / batch)
@@ -237,6 +291,49 @@ class TrainingRun:
                 self.optimizer.mc_backward(logits)
             loss.backward()
             total += loss.detach()
+        return total
+
+    def _distributed_gradients(self) -> Tensor:
+        """This rank's share of the step, then the sums across ranks; the global loss."""
+        error: Exception | None = None
+        total = torch.zeros((), device=self.device)
+        try:
+            x, target = self._batch(self.step)
+            total = self._accumulate(x, target, self.cfg.train.batch_size)
+        except Exception as exc:  # shared below, so no rank waits for a failed one
+            error = exc
+        requested = self._interrupt is not None and self._interrupt.requested
+        control = torch.tensor(
+            [float(total) if error is None else 0.0, float(error is not None), float(requested)],
+            dtype=torch.float64,
+            device=self.dist.comm_device,
+        )
+        torch.distributed.all_reduce(control)
+        if control[1].item() > 0:
+            raise_together(self.dist, error, f"at step {self.step}")
+        self._stop_requested = control[2].item() > 0
+        grads: list[Tensor] = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # unused on this rank: zeros, so every rank agrees
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        all_reduce_sum(grads, self.dist)
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        all_reduce_sum(buffers, self.dist)
+        for b in buffers:
+            b.div_(self.dist.world_size)
+        return torch.tensor(control[0].item(), dtype=torch.float32, device=self.device)
+
+    def _train_step(self) -> float:
+        torch.manual_seed(self._seed(self.step, 2))
+        if self.dist.enabled:
+            self.optimizer.zero_grad(set_to_none=True)
+            total = self._distributed_gradients()
+        else:
+            x, target = self._batch(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = self._accumulate(x, target, x.shape[0])
         value = float(total)
         if self.first_loss is None:
             self.first_loss = value
@@ -267,14 +364,20 @@ class TrainingRun:
             "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
         }
         if self.val is not None:
-            record["val_loss"], record["val_acc"] = evaluate(model, self.val)
-        record["test_loss"], record["test_acc"] = evaluate(model, self.test)
+            record["val_loss"], record["val_acc"] = evaluate(model, self.val, dist=self.dist)
+        record["test_loss"], record["test_acc"] = evaluate(model, self.test, dist=self.dist)
         record["wall_s"] = round(self.elapsed, 3)
         self.loss_sum, self.loss_count = 0.0, 0
         return record
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The run's state; in a data-parallel run every rank must call it (collective)."""
+        mixup: Any = self.mixup.state_dict() if self.mixup is not None else None
+        if self.dist.enabled and self.mixup is not None:  # running mixup: one state per rank
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, mixup)
+            mixup = gathered
         return {
             "format": 1,
             "config": self.cfg.to_dict(),
@@ -282,7 +385,7 @@ class TrainingRun:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "mixup": self.mixup.state_dict() if self.mixup is not None else None,
+            "mixup": mixup,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "first_loss": self.first_loss,
             "loss_sum": self.loss_sum,
@@ -292,15 +395,35 @@ class TrainingRun:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        """Write the checkpoint (rank 0 only; every rank calls this)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            return save_checkpoint(state, self.checkpoint_path)
+        return self.checkpoint_path
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        if not self.checkpoint_path.is_file():
+            raise CheckpointError(
+                f"--resume: no checkpoint at {self.checkpoint_path}; run without --resume"
+            )
+        return load_checkpoint(self.checkpoint_path)
 
     def load(self, state: dict[str, Any]) -> None:
         _check_same_run(state.get("config", {}), self.cfg.to_dict(), self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.mixup is not None and state["mixup"] is not None:
-            self.mixup.load_state_dict(state["mixup"])
+        mixup = state["mixup"]
+        if isinstance(mixup, list):  # written by a data-parallel run: one state per rank
+            if len(mixup) != self.dist.world_size:
+                raise CheckpointError(
+                    f"the checkpoint {self.checkpoint_path} holds the running-mixup state of "
+                    f"{len(mixup)} processes; resume it with as many (now "
+                    f"{self.dist.world_size})"
+                )
+            mixup = mixup[self.dist.rank]
+        if self.mixup is not None and mixup is not None:
+            self.mixup.load_state_dict(mixup)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
@@ -316,32 +439,36 @@ class TrainingRun:
         ``progress``: None follows ``train.progress`` ("auto" = only on a terminal).
         Raises :class:`TrainingInterrupted` after Ctrl-C, once the checkpoint is written.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.run_dir, tensorboard=self.cfg.train.tensorboard)
-        if resume and self.checkpoint_path.is_file():
-            self.load(load_checkpoint(self.checkpoint_path))
-            log.truncate_after(self.step)
-        elif resume:
-            raise CheckpointError(
-                f"--resume: no checkpoint at {self.checkpoint_path}; run without --resume"
-            )
-        else:
+        main = self.dist.is_main  # rank 0 alone writes files
+        log = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log = MetricsLog(self.run_dir, tensorboard=self.cfg.train.tensorboard)
+        if resume:
+            self.load(from_main(self.dist, self._read_checkpoint))
+            if log is not None:
+                log.truncate_after(self.step)
+        elif log is not None:
             log.reset()
-        (self.run_dir / "config.json").write_text(_json(self.cfg.to_dict()))
+        if main:
+            (self.run_dir / "config.json").write_text(_json(self.cfg.to_dict()))
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
             desc=self.name,
             unit="step",
-            disable=_bar_disabled(self.cfg.train.progress, progress),
+            disable=_bar_disabled(self.cfg.train.progress, progress) if main else True,
             dynamic_ncols=True,
             leave=True,
         )
         every = self.cfg.train.checkpoint_every
         try:
             with GracefulInterrupt() as interrupt:
+                self._interrupt = interrupt
                 if self.step == 0 and self.status == "finished":
-                    log.write(self._evaluate())
+                    record = self._evaluate()
+                    if log is not None:
+                        log.write(record)
                 while self.step < self.total_steps and self.status != "diverged":
                     started = time.perf_counter()
                     loss = self._train_step()
@@ -353,29 +480,38 @@ class TrainingRun:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     if self.step % self.eval_every == 0 or self.step == self.total_steps:
                         record = self._evaluate()
-                        log.write(record)
+                        if log is not None:
+                            log.write(record)
                         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{record['test_acc']:.4f}")
                     if every and self.step % every == 0:
                         self.save()
-                    if interrupt.requested:
+                    # under torchrun: Ctrl-C on any rank, agreed on in the step's all-reduce
+                    if self._stop_requested if self.dist.enabled else interrupt.requested:
                         path = self.save()
+                        barrier(self.dist)
                         raise TrainingInterrupted(str(path))
         finally:
+            self._interrupt = None
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         self.save()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        history = from_main(self.dist, lambda: read_metrics(metrics_path))
         result = RunResult(
             name=self.name,
             optimizer=self.cfg.optimizer.name,
             lr=self.cfg.optimizer.lr,
             batch_size=self.cfg.train.batch_size,
             steps=self.step,
-            history=read_metrics(log.path),
+            history=history,
             status=self.status,
             wall_s=self.elapsed,
             micro_batch_size=self.micro,
         )
-        (self.run_dir / "summary.json").write_text(_json(result.to_dict()))
+        if main:
+            (self.run_dir / "summary.json").write_text(_json(result.to_dict()))
+        barrier(self.dist)
         return result
 
 

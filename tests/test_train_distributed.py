@@ -1,0 +1,274 @@
+"""Data-parallel training under torchrun's environment (gloo on 127.0.0.1, 2 processes):
+the update equals the single-process full-batch update (SGD momentum and NLCG, with and
+without accumulation), rank 0 alone writes, a failing rank stops every rank, ``--nproc``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bigbatch.train import loop as loop_module
+from bigbatch.train.config import Config, ConfigError, load_config
+from bigbatch.train.dist_env import DistContext, check_distributed
+from bigbatch.train.loop import TrainingRun
+from bigbatch.train.metrics import read_metrics
+from tests.harness_data import synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+BASE = [
+    "data.validation_size=128",
+    "model.name=mlp",
+    "model.width=32",
+    "train.batch_size=128",
+    "train.epochs=3",
+    "train.progress=never",
+    "train.checkpoint_every=5",
+    "schedule.kind=cosine",
+    "schedule.warmup_epochs=1",
+]
+#: name -> extra config; every case runs 15 steps (640 training images, batch 128).
+CASES: dict[str, list[str]] = {
+    "momentum": ["optimizer.name=momentum", "optimizer.lr=0.05"],
+    "momentum-micro": ["optimizer.name=momentum", "optimizer.lr=0.05", "train.micro_batch_size=32"],
+    "nlcg": ["optimizer.name=nlcg", "optimizer.lr=0.05"],
+    "nlcg-micro": ["optimizer.name=nlcg", "optimizer.lr=0.05", "train.micro_batch_size=16"],
+}
+
+
+WORKER = "import sys; from tests.test_train_distributed import _worker; _worker(*sys.argv[1:])"
+
+
+def config(*extra: str) -> Config:
+    return load_config(None, [*BASE, *extra])
+
+
+# ---------------------------------------------------------------- the processes
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(job: str, out: Path, *, timeout: float = 120.0) -> list[tuple[int, str, str]]:
+    """Run ``_worker(job, out)`` on WORLD ranks as torchrun would; (rc, stdout, stderr)."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "LOCAL_WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "BIGBATCH_DIST_TIMEOUT": "30",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, job, str(out)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            left = max(deadline - time.monotonic(), 0.1)
+            stdout, stderr = proc.communicate(timeout=left)
+            results.append((proc.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"the {WORLD} ranks of {job!r} did not finish within {timeout} s (hang)")
+    return results
+
+
+def _worker(job: str, out: str) -> None:
+    """One rank (run in a subprocess with torchrun's environment variables)."""
+    rank = int(os.environ["RANK"])
+    root = Path(out)
+    torch.set_num_threads(1)
+    if job == "equal":
+        for name, extra in CASES.items():
+            (root / name).mkdir(parents=True, exist_ok=True)
+            run = TrainingRun(config(*extra), synthetic_dataset(), root / name / f"rank{rank}")
+            result = run.run()
+            torch.save(
+                {"params": [p.detach().clone() for p in run.model.parameters()],
+                 "steps": result.steps, "history": result.history},
+                root / name / f"params{rank}.pt",
+            )  # fmt: skip
+        return
+    if job in ("raise", "exit"):
+        batch = loop_module.TrainingRun._batch
+
+        def bad(self: TrainingRun, step: int) -> Any:
+            if rank == 1 and step == 3:
+                if job == "exit":
+                    os._exit(3)  # a crash: no Python clean-up, the sockets just close
+                raise ValueError("bad data on rank 1")
+            return batch(self, step)
+
+        loop_module.TrainingRun._batch = bad  # type: ignore[method-assign]
+        TrainingRun(config(*CASES["momentum"]), synthetic_dataset(), root / "run").run()
+        return
+    raise ValueError(job)
+
+
+# ---------------------------------------------------------------- equality with one process
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("parallel")
+    results = launch("equal", out, timeout=240)
+    for rank, (rc, _, stderr) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{stderr}"
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(case: str, parallel: Path, tmp_path: Path) -> None:
+    single = TrainingRun(config(*CASES[case]), synthetic_dataset(), tmp_path / "single")
+    reference = single.run()
+    ranks = [torch.load(parallel / case / f"params{r}.pt") for r in range(WORLD)]
+    assert ranks[0]["steps"] == reference.steps == 15
+    # every rank holds the same weights, bit for bit
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
+    # ... which equal the single-process ones up to the order of the float sums
+    for got, want in zip(ranks[0]["params"], single.model.parameters(), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=2e-4, atol=2e-5)
+    moved = sum(
+        float((a - b).detach().abs().sum())
+        for a, b in zip(
+            single.model.parameters(),
+            TrainingRun(
+                config(*CASES[case]), synthetic_dataset(), tmp_path / "fresh"
+            ).model.parameters(),
+            strict=True,
+        )
+    )
+    assert moved > 1e-2  # the runs trained (the comparison would pass trivially otherwise)
+    # the sharded evaluation equals the whole one (losses up to float order)
+    records = ranks[0]["history"]
+    assert [r["step"] for r in records] == [r["step"] for r in reference.history]
+    for got, want in zip(records, reference.history, strict=True):
+        assert got["test_acc"] == pytest.approx(want["test_acc"], abs=1.5 / 256)
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-3)
+        if want["train_loss"] is None:
+            assert got["train_loss"] is None
+        else:
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-3)
+    assert ranks[1]["history"] == records  # every rank returns rank 0's history
+
+
+def test_rank_zero_alone_writes(parallel: Path) -> None:
+    for case in CASES:
+        main, other = parallel / case / "rank0", parallel / case / "rank1"
+        for name in ("metrics.jsonl", "checkpoint.pt", "summary.json", "config.json"):
+            assert (main / name).is_file(), name
+        assert not other.exists()  # rank 1 got its own folder and wrote nothing there
+        assert len(read_metrics(main / "metrics.jsonl")) == 4  # step 0 and each epoch
+        assert json.loads((main / "summary.json").read_text())["steps"] == 15
+
+
+# ---------------------------------------------------------------- failures stop every rank
+def test_a_rank_that_raises_stops_every_rank(tmp_path: Path) -> None:
+    started = time.monotonic()
+    (rc0, _, err0), (rc1, _, err1) = launch("raise", tmp_path)
+    assert rc1 != 0
+    assert "ValueError: bad data on rank 1" in err1
+    assert rc0 != 0
+    assert "PeerRankError: rank 1 failed at step 3: ValueError: bad data on rank 1" in err0
+    assert time.monotonic() - started < 60  # at once, not after the collective timeout
+
+
+def test_a_rank_that_dies_stops_every_rank(tmp_path: Path) -> None:
+    (rc0, _, err0), (rc1, _, _) = launch("exit", tmp_path, timeout=90)
+    assert rc1 == 3
+    assert rc0 != 0
+    assert "Error" in err0  # gloo noticed the closed connection (or timed out)
+
+
+# ---------------------------------------------------------------- configuration errors
+def test_batch_must_split_into_whole_micro_batches() -> None:
+    check_distributed(2, batch_sizes=[128], micro_batch_size=32, optimizers=["nlcg"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(96\).*train\.micro_batch_size"):
+        check_distributed(2, batch_sizes=[96], micro_batch_size=32, optimizers=["momentum"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(129\).*processes \(2\)"):
+        check_distributed(2, batch_sizes=[129], micro_batch_size=0, optimizers=["momentum"])
+    check_distributed(1, batch_sizes=[129], micro_batch_size=0, optimizers=["spngd"])
+
+
+def test_spngd_under_torchrun_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SP-NGD under torchrun is not supported yet"):
+        check_distributed(2, batch_sizes=[128], micro_batch_size=0, optimizers=["spngd"])
+
+
+def test_shards_cover_the_batch() -> None:
+    shards = [DistContext(rank=r, world_size=3).shard(12) for r in range(3)]
+    assert shards == [(0, 4), (4, 8), (8, 12)]
+
+
+# ---------------------------------------------------------------- the command
+def test_cli_nproc_launches_two_processes(tmp_path: Path) -> None:
+    args = [
+        "train", "--dataset", "digits", "--model", "mlp", "--batch-size", "256",
+        "--epochs", "2", "--no-progress", "--optimizer", "momentum", "--lr", "0.1",
+        "--set", "data.validation_size=200", "--set", "model.width=32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIGBATCH_DIST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "bigbatch.train.cli"]
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        done = subprocess.run(
+            [*command, *args, "--nproc", str(nproc), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("finished:") == 1  # rank 0 alone reports
+        runs[nproc] = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3)
+
+
+def test_cli_nproc_rejects_an_uneven_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bigbatch.train import cli
+
+    args = ["train", "--dataset", "digits", "--batch-size", "255", "--nproc", "2"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 2
+    assert "train.batch_size (255) must be divisible" in capsys.readouterr().err
+
+
+def test_launch_command_drops_nproc() -> None:
+    from bigbatch.train.cli import launch_command
+
+    command = launch_command(2, ["train", "--nproc", "2", "--npro=2", "--lr", "0.1"])
+    assert command[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "bigbatch.train.cli", "train", "--lr", "0.1",
+    ]  # fmt: skip

@@ -7,8 +7,10 @@ the refresh intervals, re-invert the blocks whose statistics or damping changed)
 :meth:`KFACEngine.advance` to arm the hooks for the next step.
 
 Everything the engine keeps (statistics, inverses, intervals, counters) is a tensor or a
-number keyed by statistic name, so it checkpoints exactly and can later be partitioned
-across ranks. It knows nothing about learning rates or momentum.
+number keyed by statistic name, so it checkpoints exactly and is partitioned across ranks
+with ``distributed=DistributedConfig(...)``: then :meth:`KFACEngine.distributed_step`
+replaces ``refresh`` + ``precondition`` (see :mod:`bigbatch.distributed.kfac_sync`). It
+knows nothing about learning rates or momentum.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,10 @@ from bigbatch.curvature import layers as L
 from bigbatch.curvature.capture import Block, CurvatureCapture
 from bigbatch.curvature.linalg import DampedInverter, InversionConfig, kron_damping
 from bigbatch.curvature.staleness import RefreshSchedule, StalenessConfig
+from bigbatch.distributed.config import DistributedConfig
+
+if TYPE_CHECKING:
+    from bigbatch.distributed.kfac_sync import CurvatureSync, KLTerms, SyncOutcome
 
 __all__ = ["KFACEngine", "RefreshReport"]
 
@@ -47,6 +53,11 @@ class KFACEngine:
         staleness: refresh-interval rule; ``StalenessConfig(enabled=False)`` refreshes
             every statistic every step.
         inversion: decomposition method and failure policy.
+        distributed: ``None`` (default): one process. A :class:`DistributedConfig` (with an
+            initialised ``torch.distributed`` group) makes :meth:`distributed_step` reduce
+            gradients and due statistics over the ranks; in ``"hybrid"`` mode each block's
+            statistics and inverses live on its owner rank only, and :meth:`state_dict`
+            becomes a collective (call it on every rank).
     """
 
     def __init__(
@@ -55,6 +66,7 @@ class KFACEngine:
         fisher: str = "empirical",
         staleness: StalenessConfig | None = None,
         inversion: InversionConfig | None = None,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         self.capture = CurvatureCapture(model, fisher)
         self.schedule = RefreshSchedule(staleness or StalenessConfig())
@@ -67,6 +79,15 @@ class KFACEngine:
         self._warned_missing: set[str] = set()
         self._stack_cache: dict[tuple[Any, ...], tuple[tuple[str, ...], Tensor, Tensor]] = {}
         self.capture.arm(self.schedule.due_names(0))
+        self.sync: CurvatureSync | None = None
+        if distributed is not None:
+            if not isinstance(distributed, DistributedConfig):
+                raise ValueError(
+                    f"distributed must be None or a DistributedConfig, got {distributed!r}"
+                )
+            from bigbatch.distributed.kfac_sync import CurvatureSync
+
+            self.sync = CurvatureSync(self, distributed)
 
     @property
     def blocks(self) -> dict[str, Block]:
@@ -79,9 +100,28 @@ class KFACEngine:
     # ----------------------------------------------------------------- per step
     def refresh(self, damping_of: Callable[[Block], float]) -> RefreshReport:
         """Take in this step's statistics and re-invert what changed."""
+        if self.sync is not None:
+            raise RuntimeError("a distributed KFACEngine steps with distributed_step()")
         captured = self.capture.collect()
-        report = RefreshReport(missing=list(captured.missing))
-        for stat, value in captured.values.items():
+        report = self.absorb(captured.values, captured.missing, damping_of)
+        self.schedule.record_step(len(report.refreshed))
+        return report
+
+    def absorb(
+        self,
+        values: Mapping[str, Tensor],
+        missing: list[str],
+        damping_of: Callable[[Block], float],
+        owned: Callable[[str], bool] | None = None,
+    ) -> RefreshReport:
+        """Take in normalised statistics (this step's, of the whole batch) and re-invert.
+
+        ``missing`` statistics are retried next step; only blocks for which ``owned(name)``
+        holds (default: all) are re-inverted. Does not count the step in the refresh
+        fraction (the caller does, with the number refreshed over all ranks).
+        """
+        report = RefreshReport(missing=list(missing))
+        for stat, value in values.items():
             if not bool(torch.isfinite(value).all()):
                 report.missing.append(stat)
                 continue
@@ -90,18 +130,43 @@ class KFACEngine:
             report.refreshed.append(stat)
         for stat in report.missing:  # retry next step
             self.schedule.next_due[stat] = self.step + 1
-        self.schedule.record_step(len(report.refreshed))
         self._warn_missing(report.missing)
         fresh = {s.rsplit(".", 1)[0] for s in report.refreshed}
         to_invert = [
             block
             for block in self.blocks.values()
-            if all(s in self.stats for s in block.stat_names)
+            if (owned is None or owned(block.name))
+            and all(s in self.stats for s in block.stat_names)
             and (block.name in fresh or self.damping_used.get(block.name) != damping_of(block))
         ]
         self._invert(to_invert, damping_of)
         report.inverted = [b.name for b in to_invert]
         return report
+
+    def local_counts(self) -> dict[str, tuple[int, int]]:
+        """``(samples, sample-positions)`` each block recorded on this rank since arming.
+
+        The weights that turn this rank's normalised statistics back into sums, so that a
+        sum over ranks divided by the summed weights is the statistic of the global batch.
+        """
+        sums = self.capture._sums
+        return {name: (s.n_samples, s.rows) for name, s in sums.items()}
+
+    def distributed_step(
+        self,
+        grads: Mapping[Tensor, Tensor],
+        damping_of: Callable[[Block], float],
+        kl_terms: KLTerms | None = None,
+    ) -> SyncOutcome:
+        """Reduce, refresh, invert and precondition over the ranks (``distributed`` only).
+
+        Every rank passes its local gradients (of the MEAN loss over its own shard); the
+        result holds the preconditioned averaged gradient of every parameter in ``grads``
+        (identity where no block is ready), identical on every rank.
+        """
+        if self.sync is None:
+            raise RuntimeError("distributed_step needs KFACEngine(..., distributed=...)")
+        return self.sync.step(grads, damping_of, kl_terms)
 
     def advance(self) -> None:
         """Close the step: arm the hooks for the statistics due at the next one."""
@@ -258,7 +323,9 @@ class KFACEngine:
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Everything the engine keeps. Hybrid-distributed: a collective that gathers every
+        owner's blocks, so each rank returns the same full state (loadable at any world size)."""
+        state = {
             "step": self.step,
             "stats": {k: v.clone() for k, v in self.stats.items()},
             "inverses": {k: v.clone() for k, v in self.inverses.items()},
@@ -266,6 +333,7 @@ class KFACEngine:
             "schedule": self.schedule.state_dict(),
             "inverter": self.inverter.state_dict(),
         }
+        return state if self.sync is None else self.sync.gather_state(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         known = set(self.capture.stat_names())
@@ -274,6 +342,8 @@ class KFACEngine:
             raise ValueError(
                 f"curvature state has statistics for unknown blocks: {sorted(unknown)}"
             )
+        if self.sync is not None:  # keep only the blocks this rank owns
+            state = self.sync.owned_state(state)
         self.step = int(state["step"])
         self.stats = {k: v.clone() for k, v in state["stats"].items()}
         self.inverses = {k: v.clone() for k, v in state["inverses"].items()}

@@ -4,14 +4,16 @@ A ``torch.optim.Optimizer``: momentum SGD on the natural gradient ``F^-1 g``, wi
 K-FAC Fisher of Linear/Conv2d/Embedding layers and unit-wise 2x2 blocks for BatchNorm and
 LayerNorm, computed from stale statistics (each refreshed only when it has changed) and
 damped, pi-corrected inverses. The curvature lives in :class:`bigbatch.curvature.KFACEngine`;
-this file turns preconditioned gradients into updates.
+this file turns preconditioned gradients into updates. With ``distributed=`` the gradient
+and statistics exchange of data-parallel training happens inside :meth:`SPNGD.step` (see
+:mod:`bigbatch.distributed.kfac_sync`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
@@ -23,6 +25,7 @@ from bigbatch.curvature.capture import Block
 from bigbatch.curvature.engine import KFACEngine, RefreshReport
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
+from bigbatch.distributed.config import DistributedConfig
 from bigbatch.optim.validation import check_choice, check_number
 
 __all__ = ["SPNGD"]
@@ -67,6 +70,17 @@ class SPNGD(Optimizer):
             gradient changes no parameter and no momentum, and warns; ``"raise"``:
             ``FloatingPointError``.
         params: optional parameter groups (default ``model.parameters()``).
+        distributed: ``None`` (default): one process. ``DistributedConfig("hybrid")`` (or
+            ``"simple"``) for data-parallel training over an initialised
+            ``torch.distributed`` group, WITHOUT DistributedDataParallel: each rank runs
+            forward/backward on its own equal-sized shard with the mean loss over that
+            shard, and ``step()`` averages the gradients over the ranks and combines the
+            due statistics exactly as one process would on the global batch. ``"hybrid"``
+            gives each Fisher block to one owner rank (cost-balanced), which alone inverts
+            and preconditions it; ``"simple"`` has every rank compute every block. Every
+            rank ends each step with the same parameters and momentum; in hybrid mode
+            ``state_dict()`` is a collective (call it on every rank; each returns the full
+            state). Bytes sent per collective: ``engine.sync.comm.counter``.
     """
 
     def __init__(
@@ -84,6 +98,7 @@ class SPNGD(Optimizer):
         inversion: InversionConfig | None = None,
         nonfinite: str = "skip",
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -105,7 +120,7 @@ class SPNGD(Optimizer):
         }
         _check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
-        self.engine = KFACEngine(model, fisher, staleness, inversion)
+        self.engine = KFACEngine(model, fisher, staleness, inversion, distributed)
         self.skipped_steps = 0
         self.last_report = RefreshReport()
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -186,16 +201,27 @@ class SPNGD(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("SPNGD does not support sparse gradients")
         grads: dict[Tensor, Tensor] = {p: cast(Tensor, p.grad) for p in params}
-        if not _all_finite(list(grads.values())):
-            return self._nonfinite("gradient", loss)
-        self.last_report = self.engine.refresh(self._damping_of)
-        directions = self.engine.precondition(grads)
-        for p, g in grads.items():
-            directions.setdefault(p, g)
+        if self.engine.sync is not None:
+            kl = self._kl_total if self.kl_clip is not None else None
+            outcome = self.engine.distributed_step(grads, self._damping_of, kl)
+            if outcome.nonfinite:
+                return self._nonfinite("gradient", loss)
+            self.last_report = RefreshReport(
+                refreshed=outcome.refreshed, inverted=outcome.inverted, missing=outcome.missing
+            )
+            directions = outcome.directions
+            kl_total = outcome.kl_total
+        else:
+            if not _all_finite(list(grads.values())):
+                return self._nonfinite("gradient", loss)
+            self.last_report = self.engine.refresh(self._damping_of)
+            directions = self.engine.precondition(grads)
+            for p, g in grads.items():
+                directions.setdefault(p, g)
+            kl_total = self._kl_total(directions, grads) if self.kl_clip is not None else 0.0
         if not _all_finite(list(directions.values())):
             return self._nonfinite("preconditioned gradient", loss)
-        scale = self._kl_scale(directions, grads)
-        self._update(directions, scale)
+        self._update(directions, self._kl_scale(kl_total))
         self.engine.advance()
         return loss
 
@@ -211,9 +237,10 @@ class SPNGD(Optimizer):
         self.engine.capture.arm(self.engine.capture.armed)  # drop this step's statistics
         return loss
 
-    def _kl_scale(self, directions: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> float:
-        if self.kl_clip is None:
-            return 1.0
+    def _kl_total(
+        self, directions: Mapping[Tensor, Tensor], grads: Mapping[Tensor, Tensor]
+    ) -> float:
+        """``sum lr^2 (F^-1 g . g)`` over the parameters in ``grads``."""
         total = 0.0
         for group in self.param_groups:
             lr = float(group["lr"])
@@ -221,7 +248,10 @@ class SPNGD(Optimizer):
             if ps:
                 dots = torch._foreach_mul([directions[p] for p in ps], [grads[p] for p in ps])
                 total += lr * lr * float(sum(float(t.sum()) for t in dots))
-        if total <= 0.0 or not math.isfinite(total):
+        return total
+
+    def _kl_scale(self, total: float) -> float:
+        if self.kl_clip is None or total <= 0.0 or not math.isfinite(total):
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / total))
 

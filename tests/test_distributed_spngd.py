@@ -106,8 +106,49 @@ def _summary(model: nn.Module, opt: SPNGD, stat_bytes: list[int]) -> dict[str, A
     }
 
 
-def _ranks(rank: int, world: int) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(mode, micro): _summary(*_train(rank, world, mode, micro)) for mode, micro in SCENARIOS}
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _variant(rank: int, world: int, variant: str, mode: str | None) -> dict[str, Any]:
+    """Sequence model (Embedding block, Linear over positions) with accumulation, or the
+    conv model with a NaN gradient on the last rank at step 1 (every rank skips it)."""
+    model = _embedding_model() if variant == "embedding" else _model()
+    opt = _optimizer(model, None if mode is None else DistributedConfig(mode))
+    shard = GLOBAL_BATCH // world
+    for step in range(STEPS // 2):
+        gen = torch.Generator().manual_seed(200 + step)
+        if variant == "embedding":
+            x = torch.randint(0, 7, (GLOBAL_BATCH, 3), generator=gen)
+            y = torch.randint(0, 3, (GLOBAL_BATCH, 3), generator=gen)
+        else:
+            x, y = _data(step)
+        x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+        opt.zero_grad()
+        micro = 2 if variant == "embedding" else 1
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            out = model(xm)
+            (F.cross_entropy(out.reshape(-1, 3), ym.reshape(-1)) / micro).backward()
+        if variant == "nan" and step == 1 and rank == world - 1:
+            next(model.parameters()).grad[0].fill_(float("nan"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skipped step's warning
+            opt.step()
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "schedule": opt.engine.schedule.state_dict(),
+        "skipped": opt.skipped_steps,
+    }
+
+
+def _ranks(rank: int, world: int) -> dict[Any, dict[str, Any]]:
+    out: dict[Any, dict[str, Any]] = {
+        (mode, micro): _summary(*_train(rank, world, mode, micro)) for mode, micro in SCENARIOS
+    }
+    for variant in ("embedding", "nan"):
+        out[variant] = _variant(rank, world, variant, "hybrid")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +157,13 @@ def reference() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module", params=[2, 4])
-def ranks(request: pytest.FixtureRequest) -> list[dict[tuple[str, int], dict[str, Any]]]:
+def ranks(request: pytest.FixtureRequest) -> list[dict[Any, dict[str, Any]]]:
     return run_on_ranks(_ranks, int(request.param))
 
 
 @pytest.mark.parametrize(("mode", "micro"), SCENARIOS)
 def test_equals_single_process_full_batch(
-    ranks: list[dict[tuple[str, int], dict[str, Any]]],
+    ranks: list[dict[Any, dict[str, Any]]],
     reference: dict[str, Any],
     mode: str,
     micro: int,
@@ -161,7 +202,7 @@ def _continue(params: list[Tensor], state: dict[str, Any]) -> list[Tensor]:
 
 
 def test_checkpoint_resumes_in_one_process(
-    ranks: list[dict[tuple[str, int], dict[str, Any]]], reference: dict[str, Any]
+    ranks: list[dict[Any, dict[str, Any]]], reference: dict[str, Any]
 ) -> None:
     expected = _continue(reference["params"], reference["state"])
     out = ranks[-1][("hybrid", 2)]  # saved by the last rank: every rank has the full state
@@ -170,8 +211,23 @@ def test_checkpoint_resumes_in_one_process(
     assert out["reloaded_inverses"] == out["local_inverses"]  # each rank reloads its own
 
 
+@pytest.mark.parametrize("variant", ["embedding", "nan"])
+def test_embedding_and_nonfinite_gradient_match_single_process(
+    ranks: list[dict[Any, dict[str, Any]]], variant: str
+) -> None:
+    expected = _variant(0, 1, variant, None)
+    assert expected["skipped"] == (1 if variant == "nan" else 0)
+    for r in ranks:
+        out = r[variant]
+        assert out["skipped"] == expected["skipped"]
+        assert out["schedule"] == expected["schedule"]
+        for p, q in zip(out["params"], expected["params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+            assert bool(torch.isfinite(p).all())
+
+
 def test_hybrid_partitions_inverses_and_sends_fewer_statistic_bytes(
-    ranks: list[dict[tuple[str, int], dict[str, Any]]],
+    ranks: list[dict[Any, dict[str, Any]]],
 ) -> None:
     world = len(ranks)
     held = [r[("hybrid", 1)]["local_inverses"] for r in ranks]

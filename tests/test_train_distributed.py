@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import pytest
 import torch
 
 from bigbatch.train import loop as loop_module
+from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.dist_env import DistContext, check_distributed
+from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.loop import TrainingRun
 from bigbatch.train.metrics import read_metrics
 from tests.harness_data import synthetic_dataset
@@ -50,6 +53,10 @@ WORKER = "import sys; from tests.test_train_distributed import _worker; _worker(
 
 def config(*extra: str) -> Config:
     return load_config(None, [*BASE, *extra])
+
+
+def without_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
 
 
 # ---------------------------------------------------------------- the processes
@@ -129,7 +136,62 @@ def _worker(job: str, out: str) -> None:
         loop_module.TrainingRun._batch = bad  # type: ignore[method-assign]
         TrainingRun(config(*CASES["momentum"]), synthetic_dataset(), root / "run").run()
         return
+    if job == "resume":
+        _resume_worker(rank, root)
+        return
     raise ValueError(job)
+
+
+RESUME = [
+    "model.name=cnn",  # BatchNorm: its running statistics are averaged across the ranks
+    "model.width=4",
+    "optimizer.name=nlcg",
+    "optimizer.lr=0.05",
+    "recipe.mixup_alpha=0.4",
+    "recipe.running_mixup=true",  # per-rank state, gathered into the checkpoint
+    "recipe.ema_decay=0.9",
+    "train.eval_every=2",
+]
+
+
+def _resume_worker(rank: int, root: Path) -> None:
+    data = synthetic_dataset()
+    whole = TrainingRun(config(*RESUME), data, root / f"rank{rank}" / "whole")
+    expected = whole.run()
+
+    class StopAfterSeven(loop_module.GracefulInterrupt):  # Ctrl-C seen by rank 1 only
+        checks = 0
+
+        @property  # type: ignore[override]
+        def requested(self) -> bool:
+            StopAfterSeven.checks += 1
+            return rank == 1 and StopAfterSeven.checks == 7
+
+        @requested.setter
+        def requested(self, value: bool) -> None:
+            pass
+
+    original = loop_module.GracefulInterrupt
+    loop_module.GracefulInterrupt = StopAfterSeven  # type: ignore[misc]
+    first = TrainingRun(config(*RESUME), data, root / f"rank{rank}" / "split")
+    stopped_at = None
+    try:
+        first.run()
+    except TrainingInterrupted:
+        stopped_at = first.step
+    finally:
+        loop_module.GracefulInterrupt = original  # type: ignore[misc]
+    second = TrainingRun(config(*RESUME), data, root / f"rank{rank}" / "split")
+    resumed = second.run(resume=True)  # rank 1 has no checkpoint: rank 0 broadcasts its own
+    torch.save(
+        {
+            "stopped_at": stopped_at,
+            "expected": [p.detach().clone() for p in whole.model.parameters()],
+            "resumed": [p.detach().clone() for p in second.model.parameters()],
+            "history": (expected.history, resumed.history),
+        },
+        root / f"resume{rank}.pt",
+    )
 
 
 # ---------------------------------------------------------------- equality with one process
@@ -186,6 +248,23 @@ def test_rank_zero_alone_writes(parallel: Path) -> None:
         assert not other.exists()  # rank 1 got its own folder and wrote nothing there
         assert len(read_metrics(main / "metrics.jsonl")) == 4  # step 0 and each epoch
         assert json.loads((main / "summary.json").read_text())["steps"] == 15
+
+
+def test_ctrl_c_on_one_rank_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    for rank, (rc, _, stderr) in enumerate(launch("resume", tmp_path, timeout=240)):
+        assert rc == 0, f"rank {rank} failed:\n{stderr}"
+    ranks = [torch.load(tmp_path / f"resume{r}.pt") for r in range(WORLD)]
+    state = load_checkpoint(tmp_path / "rank0" / "split" / "checkpoint.pt")
+    assert state["step"] == 15
+    assert len(state["mixup"]) == WORLD  # one running-mixup state per rank
+    for saved in ranks:
+        assert saved["stopped_at"] == 7  # every rank stopped after the same step
+        expected, resumed = saved["history"]
+        assert without_time(resumed) == without_time(expected)
+        for a, b in zip(saved["expected"], saved["resumed"], strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for a, b in zip(saved["resumed"], ranks[0]["resumed"], strict=True):
+            assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- failures stop every rank
@@ -252,6 +331,48 @@ def test_cli_nproc_launches_two_processes(tmp_path: Path) -> None:
     assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3)
+
+
+def test_cli_nproc_ctrl_c_saves_then_resume_finishes(tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it):
+    every rank stops after the same step, rank 0 writes the checkpoint, exit status 130;
+    ``--resume`` then finishes the run."""
+    out = tmp_path / "run"
+    args = [
+        "train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64",
+        "--epochs", "10", "--no-progress", "--optimizer", "momentum", "--nproc", "2",
+        "--set", "data.validation_size=200", "--set", "train.eval_every=10",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIGBATCH_DIST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "bigbatch.train.cli", *args]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while len(read_metrics(metrics)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop after Ctrl-C")
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr
+    stopped = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 10 <= stopped < 190  # 1233 training images // 64 = 19 steps/epoch, 10 epochs
+    done = subprocess.run(
+        [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    steps = [r["step"] for r in read_metrics(metrics)]
+    total = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert steps == sorted(set(steps))
+    assert steps[0] == 0
+    assert steps[-1] == total == 190
 
 
 def test_cli_nproc_rejects_an_uneven_batch(

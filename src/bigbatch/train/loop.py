@@ -34,9 +34,13 @@ Not here: building models/optimizers/data (their modules), comparing runs (``com
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -73,6 +77,9 @@ from bigbatch.train.targets import Mixup, one_hot_smooth, soft_cross_entropy
 __all__ = ["RunResult", "TrainingRun", "resolve_device"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Under torchrun one Ctrl-C arrives twice (from the terminal and forwarded by the launcher);
+#: a repeat within this many seconds is the same Ctrl-C, not a second one.
+SAME_CTRL_C_S = 2.0
 #: Config keys that may change between a checkpoint and its resumption.
 _RESUMABLE_CHANGES = {
     "data.data_dir",
@@ -465,6 +472,8 @@ class TrainingRun:
         try:
             with GracefulInterrupt() as interrupt:
                 self._interrupt = interrupt
+                if self.dist.enabled and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, _once_per_ctrl_c(signal.getsignal(signal.SIGINT)))
                 if self.step == 0 and self.status == "finished":
                     record = self._evaluate()
                     if log is not None:
@@ -513,6 +522,22 @@ class TrainingRun:
             (self.run_dir / "summary.json").write_text(_json(result.to_dict()))
         barrier(self.dist)
         return result
+
+
+def _once_per_ctrl_c(handler: Any) -> Callable[[int, FrameType | None], None]:
+    """``handler``, but a SIGINT within ``SAME_CTRL_C_S`` of the previous one is dropped."""
+    last = -math.inf
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < SAME_CTRL_C_S:
+            return
+        last = now
+        if callable(handler):
+            handler(signum, frame)
+
+    return handle
 
 
 def _bar_disabled(mode: str, override: bool | None) -> bool | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
+from bigbatch.distributed import DistributedConfig
 from bigbatch.optim import (
     NLCG,
     SPNGD,
@@ -30,6 +31,7 @@ __all__ = [
     "SPNGD",
     "AdamDiagonal",
     "DiagonalBFGS",
+    "DistributedConfig",
     "IdentityPreconditioner",
     "InversionConfig",
     "KFACPreconditioner",

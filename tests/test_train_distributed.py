@@ -20,7 +20,7 @@ import torch
 from bigbatch.train import loop as loop_module
 from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.config import Config, ConfigError, load_config
-from bigbatch.train.dist_env import DistContext, check_distributed
+from bigbatch.train.dist_env import DistContext, check_distributed, shutdown
 from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.loop import TrainingRun
 from bigbatch.train.metrics import read_metrics
@@ -67,8 +67,22 @@ def _free_port() -> int:
 
 
 def launch(job: str, out: Path, *, timeout: float = 120.0) -> list[tuple[int, str, str]]:
-    """Run ``_worker(job, out)`` on WORLD ranks as torchrun would; (rc, stdout, stderr)."""
+    """Run ``_worker(job, out)`` on WORLD ranks as torchrun would; (rc, stdout, stderr).
+
+    The output goes to files (a full pipe would block a rank and so the collectives); a
+    start that lost its free port to another process is retried.
+    """
+    for _ in range(3):
+        results = _launch_once(job, out, timeout)
+        if not any("ddress already in use" in err for _, _, err in results):
+            break
+    return results
+
+
+def _launch_once(job: str, out: Path, timeout: float) -> list[tuple[int, str, str]]:
     port = _free_port()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(WORLD):
         env = {
@@ -83,34 +97,49 @@ def launch(job: str, out: Path, *, timeout: float = 120.0) -> list[tuple[int, st
             "BIGBATCH_DIST_TIMEOUT": "30",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, job, str(out)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+        if Path("/sys/class/net/lo").exists():
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        with (logs / f"{rank}.out").open("w") as stdout, (logs / f"{rank}.err").open("w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", WORKER, job, str(out)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=stdout,
+                    stderr=err,
+                )
             )
-        )
     deadline = time.monotonic() + timeout
-    results = []
     try:
         for proc in procs:
-            left = max(deadline - time.monotonic(), 0.1)
-            stdout, stderr = proc.communicate(timeout=left)
-            results.append((proc.returncode, stdout, stderr))
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
+            proc.wait()
         pytest.fail(f"the {WORLD} ranks of {job!r} did not finish within {timeout} s (hang)")
-    return results
+    return [
+        (
+            int(proc.returncode),
+            (logs / f"{rank}.out").read_text(),
+            (logs / f"{rank}.err").read_text(),
+        )
+        for rank, proc in enumerate(procs)
+    ]
 
 
 def _worker(job: str, out: str) -> None:
     """One rank (run in a subprocess with torchrun's environment variables)."""
+    ok = False
+    try:
+        _job(job, Path(out))
+        ok = True
+    finally:  # leave the process group before exit (gloo may abort at interpreter exit)
+        shutdown(together=ok)
+
+
+def _job(job: str, root: Path) -> None:
     rank = int(os.environ["RANK"])
-    root = Path(out)
     torch.set_num_threads(1)
     if job == "equal":
         for name, extra in CASES.items():
@@ -373,6 +402,46 @@ def test_cli_nproc_ctrl_c_saves_then_resume_finishes(tmp_path: Path) -> None:
     assert steps == sorted(set(steps))
     assert steps[0] == 0
     assert steps[-1] == total == 190
+
+
+def test_cli_nproc_compare_then_resume(tmp_path: Path) -> None:
+    """``compare`` under --nproc: rank 0 alone prints and reports; with --resume the
+    finished runs are read back (rank 0 decides) instead of trained again."""
+    out = tmp_path / "cmp"
+    args = [
+        "compare", "--dataset", "digits", "--model", "mlp", "--batch-size", "256",
+        "--epochs", "2", "--no-progress", "--optimizers", "momentum,nlcg", "--nproc", "2",
+        "--set", "data.validation_size=200", "--set", "model.width=32",
+        "--set", "compare.lrs.momentum=[0.05, 0.2]", "--set", "compare.lrs.nlcg=[0.1]",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIGBATCH_DIST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "bigbatch.train.cli", *args]
+    printed = []
+    for extra in ([], ["--resume"]):
+        done = subprocess.run(
+            [*command, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("| SGD momentum 0.9 |") == 1  # one table, from rank 0
+        printed.append(json.loads((out / "results.json").read_text()))
+        if extra:  # nothing was trained again: the summaries are the first run's
+            assert "(0 s)" in done.stdout
+    chosen = [
+        [{k: v for k, v in e["chosen"].items() if k != "name"} for e in p["optimizers"]]
+        for p in printed
+    ]
+    assert chosen[0] == chosen[1]
+
+
+def test_one_ctrl_c_delivered_twice_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    clock = iter([10.0, 10.5, 13.0])
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: next(clock))
+    handle = loop_module._once_per_ctrl_c(lambda signum, frame: calls.append(signum))
+    for _ in range(3):
+        handle(signal.SIGINT, None)
+    assert calls == [signal.SIGINT, signal.SIGINT]  # the repeat 0.5 s later was dropped
 
 
 def test_cli_nproc_rejects_an_uneven_batch(

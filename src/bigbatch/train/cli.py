@@ -211,7 +211,10 @@ def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
 
 def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Run the same command under torchrun; wait for it (Ctrl-C reaches the workers too)."""
-    proc = subprocess.Popen(launch_command(nproc, argv))
+    env = dict(os.environ)
+    # torchrun would give every process 1 thread; share the machine's cores instead
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(launch_command(nproc, argv), env=env)
     interrupted = False
     while True:
         try:
@@ -230,6 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "bigbatch " + " ".join(shlex.quote(a) for a in arguments)
     if args.dist_timeout is not None:
         os.environ[TIMEOUT_ENV] = str(args.dist_timeout)
+    code = 1
+    try:
+        code = _main(args, arguments, command)
+        return code
+    finally:  # after a success or Ctrl-C every rank is here; after an error one may be gone
+        shutdown(together=code in (0, 130))
+
+
+def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
     try:
         cfg = load_config(args.config, _overrides(args))
         if args.nproc < 1:
@@ -261,8 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 130
-    finally:
-        shutdown()
 
 
 def _run(

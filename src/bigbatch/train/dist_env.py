@@ -151,10 +151,17 @@ def init_from_env(device: str) -> DistContext:
     return context()
 
 
-def shutdown() -> None:
-    """Leave the process group if :func:`init_from_env` joined it."""
+def shutdown(*, together: bool = True) -> None:
+    """Leave the process group if :func:`init_from_env` joined it.
+
+    ``together``: wait for every rank first (a barrier), so that no rank tears down its
+    connections while another still uses them; pass False after an error, when a peer
+    may be gone.
+    """
     global _initialised_here
     if _initialised_here and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
     _initialised_here = False
 

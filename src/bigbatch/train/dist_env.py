@@ -185,18 +185,11 @@ def check_distributed(
     Every rank takes ``batch_size / world_size`` samples of each global batch and splits
     them into micro-batches, so ``train.batch_size`` must be divisible by
     ``world_size * train.micro_batch_size`` (by ``world_size`` with micro-batch 0 or -1).
-    An optimizer that records curvature (SP-NGD) is refused: the harness does not yet
-    drive its distributed mode (its statistics must be combined across the ranks too).
     """
     if world_size <= 1:
         return
     for name in optimizers:
-        if optimizer_spec(name).uses_curvature:
-            raise ConfigError(
-                f"optimizer.name={name!r}: SP-NGD under torchrun is not supported yet "
-                f"(WORLD_SIZE={world_size}): the training harness does not yet drive "
-                "SP-NGD's distributed curvature exchange; run it in one process"
-            )
+        optimizer_spec(name, "optimizer.name")  # an unknown name fails here already
     for batch in batch_sizes:
         per_rank = world_size * max(micro_batch_size, 1)
         if batch % per_rank != 0:

@@ -26,7 +26,11 @@ with that rank's error) and whether Ctrl-C was pressed on any rank. Augmentation
 dropout draw from generators seeded by (seed, step, rank): deterministic for a seed and a
 world size, but not equal to a single-process run's draws. Evaluation is sharded and
 reduced; rank 0 alone writes metrics, checkpoints and the summary (a resume reads rank 0's
-checkpoint and broadcasts it). SP-NGD is refused under torchrun for now.
+checkpoint and broadcasts it). SP-NGD runs in its own distributed mode
+(``optimizer.options.distributed``: ``"hybrid"``, the default, or ``"simple"``; see
+:class:`bigbatch.DistributedConfig`): each rank weights its micro-batches by
+``len(micro) / share`` (the mean over its share) and ``SPNGD.step`` averages gradients and
+curvature statistics itself, so the harness does not all-reduce the gradients then.
 
 Not here: building models/optimizers/data (their modules), comparing runs (``compare.py``).
 """
@@ -49,11 +53,12 @@ from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from bigbatch.distributed import DistributedConfig
 from bigbatch.optim import NLCG, SPNGD
 from bigbatch.train.augment import random_crop_flip, random_erasing
 from bigbatch.train.batches import BatchOrder, Split, derive_seed, prepare_splits
 from bigbatch.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bigbatch.train.config import Config, ConfigError
+from bigbatch.train.config import Config, ConfigError, OptimizerConfig
 from bigbatch.train.data import ImageDataset
 from bigbatch.train.dist_env import (
     all_reduce_sum,
@@ -194,7 +199,8 @@ class TrainingRun:
             raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from None
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.curvature_dist = self.dist.enabled and self.spec.uses_curvature
+        self.optimizer = build_optimizer(self.model, self._optimizer_config())
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
         s = cfg.schedule
         self.scheduler = LambdaLR(
@@ -225,6 +231,22 @@ class TrainingRun:
         self.status = "finished"
 
     # ------------------------------------------------------------------ setup
+    def _optimizer_config(self) -> OptimizerConfig:
+        """``optimizer`` with SP-NGD's ``distributed`` option made a DistributedConfig."""
+        cfg = self.cfg.optimizer
+        if not self.spec.uses_curvature:
+            return cfg
+        options = dict(cfg.options)
+        mode = options.pop("distributed", "hybrid")
+        if self.dist.enabled:
+            try:
+                options["distributed"] = DistributedConfig(mode)
+            except ValueError as exc:
+                raise ConfigError(f"optimizer.options.distributed: {exc}") from None
+        elif "distributed" not in cfg.options:
+            return cfg  # a single process: exactly as configured
+        return cfg.model_copy(update={"options": options})
+
     def _micro_batch_size(self) -> int:
         m, batch = self.cfg.train.micro_batch_size, self.cfg.train.batch_size
         batch //= self.dist.world_size  # this rank's share of the global batch
@@ -304,9 +326,12 @@ class TrainingRun:
         """This rank's share of the step, then the sums across ranks; the global loss."""
         error: Exception | None = None
         total = torch.zeros((), device=self.device)
+        world = self.dist.world_size
+        # SP-NGD's distributed mode wants each rank's mean loss (it averages over the ranks)
+        batch = self.cfg.train.batch_size // (world if self.curvature_dist else 1)
         try:
             x, target = self._batch(self.step)
-            total = self._accumulate(x, target, self.cfg.train.batch_size)
+            total = self._accumulate(x, target, batch)
         except Exception as exc:  # shared below, so no rank waits for a failed one
             error = exc
         requested = self._interrupt is not None and self._interrupt.requested
@@ -319,18 +344,20 @@ class TrainingRun:
         if control[1].item() > 0:
             raise_together(self.dist, error, f"at step {self.step}")
         self._stop_requested = control[2].item() > 0
-        grads: list[Tensor] = []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                if p.grad is None:  # unused on this rank: zeros, so every rank agrees
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        all_reduce_sum(grads, self.dist)
+        loss = control[0].item() / (world if self.curvature_dist else 1)
+        if not self.curvature_dist:
+            grads: list[Tensor] = []
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:  # unused on this rank: zeros, so every rank agrees
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+            all_reduce_sum(grads, self.dist)
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         all_reduce_sum(buffers, self.dist)
         for b in buffers:
             b.div_(self.dist.world_size)
-        return torch.tensor(control[0].item(), dtype=torch.float32, device=self.device)
+        return torch.tensor(loss, dtype=torch.float32, device=self.device)
 
     def _train_step(self) -> float:
         torch.manual_seed(self._seed(self.step, 2))

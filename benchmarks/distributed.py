@@ -41,34 +41,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pickle
-import platform
-import queue
 import shlex
-import socket
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-import bigbatch
 from bigbatch import SPNGD, StalenessConfig
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.local_ranks import run_on_ranks
 from bigbatch.train.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model, git_revision
+from machine import machine_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed.json"
 SETTINGS: dict[str, tuple[str, bool]] = {
@@ -77,12 +70,6 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "naive": ("simple", False),
 }
 TARGET_RATIO = 0.3
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _train(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -134,56 +121,12 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"times": times, "bytes": total_bytes, "stat_bytes": stat_bytes, "params": params}
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], results: Any) -> None:
-    try:
-        torch.set_num_threads(1)
-        if os.path.exists("/sys/class/net/lo"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=300),
-        )
-        try:
-            out = _train(rank, world, cfg)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, True, pickle.dumps(out)))  # plain bytes: no shared memory
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-
-
 def run_setting(world: int, cfg: dict[str, Any], timeout: float = 900.0) -> list[dict[str, Any]]:
     """``_train`` on ``world`` spawned gloo ranks; the results in rank order."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, cfg, results), daemon=True)
-        for r in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    outs: dict[int, dict[str, Any]] = {}
-    try:
-        while len(outs) < world:
-            try:
-                rank, ok, value = results.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"no result from world size {world} in {timeout} s") from None
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{value}")
-            outs[rank] = pickle.loads(value)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-    return [outs[r] for r in range(world)]
+    outs: list[dict[str, Any]] = run_on_ranks(
+        _train, world, cfg, timeout=timeout, collective_timeout=300.0
+    )
+    return outs
 
 
 def summarise(outs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -198,24 +141,6 @@ def summarise(outs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_bytes_per_rank_step": sum(sum(o["bytes"]) for o in outs) / (ranks * steps),
         "mean_stat_bytes_per_rank_step": sum(sum(o["stat_bytes"]) for o in outs) / (ranks * steps),
         "max_bytes_per_rank_step": max(max(o["bytes"]) for o in outs),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
-    return {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_available": cpus,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads_per_process": 1,
-        "bigbatch": bigbatch.__version__,
-        "git_revision": git_revision(),
     }
 
 
@@ -249,7 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info()
+    machine = machine_info(1)
     print(
         f"B4 distributed | {machine['cpu_model']} | {machine['cpus_available']} CPUs | "
         f"torch {machine['torch']} | {args.model} width {args.width} | batch "

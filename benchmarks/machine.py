@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cpu_model", "git_revision"]
+import torch
+
+import bigbatch
+
+__all__ = ["cpu_model", "git_revision", "machine_info"]
+
+
+def machine_info(torch_threads: int) -> dict[str, Any]:
+    """CPU, cores available, platform, versions and git revision, for a results file."""
+    try:
+        cpus: int | None = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": cpus,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch_threads,
+        "bigbatch": bigbatch.__version__,
+        "git_revision": git_revision(),
+    }
 
 
 def cpu_model() -> str:

@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -65,7 +63,7 @@ from torch.nn import functional as F
 
 import bigbatch
 from bigbatch.train import DatasetError, load_fashion_mnist
-from machine import cpu_model, git_revision
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "fashion-mnist"
@@ -257,24 +255,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def machine_info() -> dict[str, Any]:
-    try:
-        cpus: int | None = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
-    return {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_available": cpus,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "bigbatch": bigbatch.__version__,
-        "git_revision": git_revision(),
-    }
-
-
 def grid(args: argparse.Namespace) -> dict[str, list[Setting]]:
     sgd = [Setting("sgd", lr) for lr in args.sgd_lrs]
     spngd = [
@@ -315,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    machine = machine_info()
+    machine = machine_info(torch.get_num_threads())
     print(
         f"B2 SP-NGD vs SGD margin | {machine['cpu_model']} | {machine['cpus_available']} CPUs "
         f"| torch {machine['torch']} | {machine['torch_threads']} threads"

@@ -19,7 +19,7 @@ from bigbatch.distributed.comm import (
     unpack_symmetric,
 )
 from bigbatch.distributed.config import DistributedConfig
-from tests.distributed_helper import run_on_ranks
+from bigbatch.distributed.local_ranks import run_on_ranks
 
 
 def _lpt_bound(costs: list[float], world: int) -> float:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from bigbatch import SPNGD, StalenessConfig
 from bigbatch.distributed.config import DistributedConfig
-from tests.distributed_helper import run_on_ranks
+from bigbatch.distributed.local_ranks import run_on_ranks
 
 GLOBAL_BATCH = 16
 STEPS = 8

@@ -14,6 +14,7 @@ Not here: one run (``loop.py``), drawing (``plots.py``), tables (``report.py``).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -74,8 +75,6 @@ def _finished(run_dir: Path) -> RunResult | None:
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return None
-    import json
-
     data = json.loads(summary.read_text())
     return RunResult(
         name=run_dir.name,

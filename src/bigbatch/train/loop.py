@@ -37,6 +37,7 @@ Not here: building models/optimizers/data (their modules), comparing runs (``com
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -574,8 +575,6 @@ def _bar_disabled(mode: str, override: bool | None) -> bool | None:
 
 
 def _json(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

@@ -42,8 +42,6 @@ class OptimizerSpec:
     default_lrs: tuple[float, ...]
     #: Constructor options used unless the config overrides them.
     defaults: Mapping[str, Any]
-    #: The optimizer's step takes ``loss=`` (NLCG's step control).
-    wants_loss: bool = False
     #: The optimizer records curvature from forward/backward hooks (SP-NGD).
     uses_curvature: bool = False
 
@@ -107,7 +105,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec("lamb", "LAMB (pytorch_optimizer)", _lamb, (3e-3, 1e-2, 3e-2), {}),
         OptimizerSpec(
-            "nlcg", "NLCG (FR, BFGS)", _nlcg, (0.1, 0.2, 0.4), {"preconditioner": "bfgs"}, True
+            "nlcg", "NLCG (FR, BFGS)", _nlcg, (0.1, 0.2, 0.4), {"preconditioner": "bfgs"}
         ),
         OptimizerSpec(
             "spngd",

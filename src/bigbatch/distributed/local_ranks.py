@@ -1,11 +1,12 @@
-"""Run a function on N gloo ranks on 127.0.0.1 for multi-process tests.
+"""Run a function on N gloo ranks on 127.0.0.1: for tests, benchmarks and quick experiments.
 
 ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initialises a gloo
 process group in each (a free local port, a collective timeout), calls
 ``fn(rank, world_size, *args)`` and returns the results in rank order. A child's exception
 is re-raised in the parent with the child's traceback; a hung child fails the test after
 ``timeout`` seconds instead of hanging it. ``fn`` must be a module-level function (spawned
-children import it by name). Only for tests.
+children import it by name). Each child uses one intra-op thread. Not a launcher for
+training: use torchrun (``bigbatch train --nproc``) for that.
 """
 
 from __future__ import annotations

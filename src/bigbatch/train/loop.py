@@ -201,6 +201,13 @@ class TrainingRun:
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
         self.curvature_dist = self.dist.enabled and self.spec.uses_curvature
+        precond = str(cfg.optimizer.options.get("preconditioner", "")).lower()
+        if self.dist.enabled and cfg.optimizer.name == "nlcg" and precond == "kfac":
+            raise ConfigError(
+                "optimizer.options.preconditioner='kfac': NLCG's K-FAC preconditioner has no "
+                "distributed mode yet (each rank would precondition with its own statistics); "
+                "run it in one process, or use spngd"
+            )
         self.optimizer = build_optimizer(self.model, self._optimizer_config())
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
         s = cfg.schedule

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from bigbatch.optim import NLCG, SPNGD
+from bigbatch.optim import NLCG, SPNGD, KFACPreconditioner
 from bigbatch.train.config import ConfigError, OptimizerConfig
 
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer", "optimizer_spec"]
@@ -79,6 +79,14 @@ def _lamb(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optim
 
 
 def _nlcg(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    """NLCG; ``preconditioner: kfac`` builds the K-FAC preconditioner on ``model``, with
+    ``kfac_damping`` (default 1e-3) as its damping."""
+    opts = dict(opts)
+    damping = opts.pop("kfac_damping", None)
+    if isinstance(opts.get("preconditioner"), str) and opts["preconditioner"].lower() == "kfac":
+        opts["preconditioner"] = KFACPreconditioner(model, 1e-3 if damping is None else damping)
+    elif damping is not None:
+        raise ValueError("kfac_damping is only used with preconditioner 'kfac'")
     return NLCG(_decay_groups(model, wd), lr=lr, **opts)
 
 

@@ -1,0 +1,472 @@
+"""Benchmarks B2, B3 and B5: accuracy and steps to target at large batch, tuned fairly.
+
+Every contender (momentum SGD, LARS, LAMB, Adam, NLCG with each preconditioner, SP-NGD with
+the empirical and the Monte Carlo Fisher) is trained by the harness
+(:func:`bigbatch.train.experiments.run_grid`, the loop ``bigbatch compare`` uses) on the
+same data, model, epoch budget, schedule (linear warm-up of one epoch, then cosine to 0),
+weight decay and evaluation points, at each batch size. The protocol is the same for all:
+
+- a 3-point learning-rate grid, factor 2 apart, around each contender's centre; the centre is
+  given at batch 8192 and moved to each batch size by sqrt(B / 8192), for every contender;
+- seed 0 runs the whole grid; the learning rate with the best last *validation* accuracy
+  (images held out of the training set) is chosen; every other seed runs at that lr;
+- reported: final test top-1 over the seeds (mean, min, max), the steps to the task's
+  target test accuracy per seed, and whether the chosen lr was at the grid's edge.
+
+Tasks: ``fashion-mnist-cnn`` and ``fashion-mnist-mlp`` (B2/B5, CPU) and
+``cifar10-resnet20`` (B3: CIFAR-10 (JPEG), ResNet-20, batch 4K-16K, meant for a GPU; the
+``tiny`` budget runs it on a CPU in seconds on a slice of the data, to show it works).
+Budgets: ``quick`` (one seed, one lr, 2 epochs: a check in minutes), ``full`` (the
+protocol above). Finished runs are kept under ``--out`` and reused on the next call, so an
+interrupted background run continues where it stopped.
+
+Run from the project's root (``python benchmarks/convergence.py --help``); results go to
+``<results>/convergence_<task>.{json,md}`` and ``_accuracy.png``/``_scaling.png`` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from bigbatch.train.batches import prepare_splits
+from bigbatch.train.config import Config, config_from_mapping
+from bigbatch.train.data import ImageDataset, load_dataset
+from bigbatch.train.experiments import run_grid
+from bigbatch.train.loop import RunResult
+from bigbatch.train.malloc_tuning import tune_malloc
+from bigbatch.train.plots import plot_scaling
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info
+
+REFERENCE_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One optimizer setting: the harness's registry name, its options, its lr centre."""
+
+    label: str
+    optimizer: str
+    options: dict[str, Any]
+    #: learning rate at batch 8192 the grid is centred on
+    centre: float
+    #: where the centre comes from (said in the report)
+    origin: str
+
+
+_SCAN = "best of a 4-point factor-2 scan at batch 8192, 12 epochs (CNN)"
+CONTENDERS: dict[str, Contender] = {
+    c.label: c
+    for c in (
+        Contender("momentum", "momentum", {}, 0.2, _SCAN),
+        Contender("lars", "lars", {}, 8.0, _SCAN),
+        Contender("lamb", "lamb", {}, 1e-2, "registry default grid's centre (not scanned)"),
+        Contender("adam", "adam", {}, 3e-3, "registry default grid's centre (not scanned)"),
+        Contender(
+            "nlcg-none",
+            "nlcg",
+            {"preconditioner": "none"},
+            0.2,
+            "NLCG-BFGS's centre (not scanned)",
+        ),
+        Contender("nlcg-bfgs", "nlcg", {"preconditioner": "bfgs"}, 0.2, _SCAN),
+        Contender(
+            "nlcg-adam", "nlcg", {"preconditioner": "adam"}, 3e-3, "Adam's centre (not scanned)"
+        ),
+        Contender(
+            "nlcg-kfac", "nlcg", {"preconditioner": "kfac"}, 1e-2, "SP-NGD's centre (not scanned)"
+        ),
+        Contender("spngd-emp", "spngd", {"fisher": "empirical"}, 1e-2, _SCAN),
+        Contender("spngd-mc", "spngd", {"fisher": "mc"}, 1e-2, "SP-NGD (empirical)'s centre"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    batch_sizes: tuple[int, ...]
+    epochs: float
+    seeds: int
+    grid_points: int
+    #: evaluations per epoch (steps to target are read at these points)
+    evals_per_epoch: int = 2
+    #: keep only this many training / test images (the tiny CPU check); None = all
+    train_limit: int | None = None
+    test_limit: int | None = None
+    validation_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    data: str
+    model: str
+    target: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    budgets: dict[str, Budget] = field(default_factory=dict)
+
+
+_FMNIST_BUDGETS = {
+    "quick": Budget((1024, 4096, 16384), epochs=2, seeds=1, grid_points=1),
+    "full": Budget((1024, 4096, 16384), epochs=8, seeds=2, grid_points=3),
+}
+TASKS: dict[str, Task] = {
+    "fashion-mnist-cnn": Task("fashion-mnist", "cnn", 0.85, budgets=_FMNIST_BUDGETS),
+    "fashion-mnist-mlp": Task("fashion-mnist", "mlp", 0.85, budgets=_FMNIST_BUDGETS),
+    "cifar10-resnet20": Task(
+        "cifar10",
+        "resnet20",
+        0.80,
+        recipe={"crop_padding": 4, "flip": True},
+        budgets={
+            "tiny": Budget(
+                (256,),
+                epochs=1,
+                seeds=1,
+                grid_points=1,
+                evals_per_epoch=1,
+                train_limit=1024,
+                test_limit=256,
+                validation_size=256,
+            ),
+            "quick": Budget((4096, 16384), epochs=10, seeds=1, grid_points=1),
+            "full": Budget((4096, 8192, 16384), epochs=60, seeds=2, grid_points=3),
+        },
+    ),
+}
+
+
+def lr_grid(contender: Contender, batch: int, points: int) -> tuple[float, ...]:
+    """``points`` lrs factor 2 apart around the centre, moved by sqrt(batch / 8192)."""
+    centre = contender.centre * math.sqrt(batch / REFERENCE_BATCH)
+    offsets = [0] if points == 1 else [k - (points - 1) / 2 for k in range(points)]
+    return tuple(float(f"{centre * 2.0**k:.4g}") for k in offsets)
+
+
+def limited(dataset: ImageDataset, train: int | None, test: int | None) -> ImageDataset:
+    """The first ``train``/``test`` images (a check of the plumbing, never a figure)."""
+    if train is None and test is None:
+        return dataset
+    return replace(
+        dataset,
+        train_x=dataset.train_x[:train],
+        train_y=dataset.train_y[:train],
+        test_x=dataset.test_x[:test],
+        test_y=dataset.test_y[:test],
+    )
+
+
+def base_config(task: Task, budget: Budget, args: argparse.Namespace) -> Config:
+    return config_from_mapping(
+        {
+            "data": {
+                "name": task.data,
+                "data_dir": args.data_dir,
+                "validation_size": budget.validation_size,
+            },
+            "model": {"name": task.model},
+            "schedule": {"kind": "cosine", "warmup_epochs": 1.0},
+            "recipe": task.recipe,
+            "train": {
+                "epochs": budget.epochs,
+                "target_accuracy": task.target,
+                "device": args.device,
+                "progress": "never",
+            },
+        },
+        origin="benchmarks/convergence.py",
+    )
+
+
+def steps_per_epoch(n_train: int, batch: int) -> int:
+    return max(1, n_train // batch)
+
+
+def _say(prefix: str, line: str) -> None:
+    print(prefix + line, flush=True)
+
+
+def run_contender(
+    cfg: Config,
+    dataset: ImageDataset,
+    splits: Any,
+    out: Path,
+    contender: Contender,
+    batch: int,
+    budget: Budget,
+) -> dict[str, Any]:
+    """Seed 0 over the grid, the other seeds at the chosen lr; a JSON-ready summary."""
+    n_train = int(splits[0].y.shape[0])
+    every = max(1, steps_per_epoch(n_train, batch) // budget.evals_per_epoch)
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"eval_every": every}),
+            "compare": cfg.compare.model_copy(
+                update={"options": {contender.optimizer: contender.options}}
+            ),
+        }
+    )
+    grid = lr_grid(contender, batch, budget.grid_points)
+    first = run_grid(
+        cfg,
+        dataset,
+        out / "seed0" / contender.label,
+        contender.optimizer,
+        batch,
+        grid,
+        resume=True,
+        splits=splits,
+        say=partial(_say, f"[{contender.label}]"),
+    )
+    seeds: list[RunResult] = []
+    if first.chosen is not None:
+        seeds.append(first.chosen)
+        for seed in range(1, budget.seeds):
+            seeded = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+            again = run_grid(
+                seeded,
+                dataset,
+                out / f"seed{seed}" / contender.label,
+                contender.optimizer,
+                batch,
+                (first.chosen.lr,),
+                resume=True,
+                splits=splits,
+                say=partial(_say, f"[{contender.label} seed {seed}]"),
+            )
+            seeds.append(again.runs[0])
+    target = cfg.train.target_accuracy
+    finals = [r.last("test_acc") if r.status == "finished" else float("nan") for r in seeds]
+    return {
+        "contender": contender.label,
+        "optimizer": contender.optimizer,
+        "options": contender.options,
+        "centre_at_8192": contender.centre,
+        "centre_origin": contender.origin,
+        "batch_size": batch,
+        "grid": list(grid),
+        "grid_runs": [r.to_dict() for r in first.runs],
+        "diverged": sum(r.status == "diverged" for r in first.runs),
+        "chosen_lr": first.chosen.lr if first.chosen else None,
+        "chosen_at_edge": bool(
+            first.chosen and len(grid) > 1 and first.chosen.lr in (grid[0], grid[-1])
+        ),
+        "seeds": [
+            r.to_dict() | {"steps_to_target": r.steps_to(target), "history": r.history}
+            for r in seeds
+        ],
+        "final_test_acc": _spread(finals),
+        "steps_to_target": [r.steps_to(target) for r in seeds],
+    }
+
+
+def _spread(values: Sequence[float]) -> dict[str, float | None]:
+    good = [v for v in values if math.isfinite(v)]
+    if not good or len(good) < len(values):
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(good), "min": min(good), "max": max(good)}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    ctx, rows, target = results["context"], results["results"], results["target_accuracy"]
+    batches = sorted({r["batch_size"] for r in rows})
+    labels = list(dict.fromkeys(r["contender"] for r in rows))
+    cell = {(r["contender"], r["batch_size"]): r for r in rows}
+    lines = [f"# {ctx['title']}", ""]
+    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine")]
+    m = ctx["machine"]
+    lines += [f"- machine: {m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch']}"]
+    lines += [
+        "",
+        "Final test top-1 (%), mean over seeds (min-max) at the chosen lr; "
+        "`*` = chosen lr at the grid's edge, `div k` = k grid runs diverged.",
+        "",
+        "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for label in labels:
+        cells = []
+        for b in batches:
+            r = cell.get((label, b))
+            if r is None or r["final_test_acc"]["mean"] is None:
+                cells.append("diverged" if r else "")
+                continue
+            acc = r["final_test_acc"]
+            text = f"{_pct(acc['mean'])} ({_pct(acc['min'])}-{_pct(acc['max'])})"
+            text += f" lr {r['chosen_lr']:g}" + ("*" if r["chosen_at_edge"] else "")
+            if r["diverged"]:
+                text += f" div {r['diverged']}"
+            cells.append(text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Steps to {100 * target:g}% test top-1 per seed at the chosen lr "
+        "(`-` = not reached within the budget):",
+        "",
+        "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for label in labels:
+        cells = []
+        for b in batches:
+            r = cell.get((label, b))
+            steps = r["steps_to_target"] if r else []
+            cells.append(" / ".join("-" if s is None else str(s) for s in steps))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, int | None]]]:
+    """Per contender: (batch, mean steps to target over seeds, or None if any seed missed)."""
+    curves: dict[str, list[tuple[int, int | None]]] = {}
+    for r in rows:
+        steps = r["steps_to_target"]
+        value = None
+        if steps and all(s is not None for s in steps):
+            value = round(statistics.fmean(steps))
+        curves.setdefault(r["contender"], []).append((r["batch_size"], value))
+    return curves
+
+
+def plot_accuracy_vs_batch(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label in dict.fromkeys(r["contender"] for r in rows):
+        pts = [
+            (r["batch_size"], r["final_test_acc"])
+            for r in rows
+            if r["contender"] == label and r["final_test_acc"]["mean"] is not None
+        ]
+        if not pts:
+            continue
+        xs = [b for b, _ in pts]
+        mean = [100 * a["mean"] for _, a in pts]
+        low = [100 * (a["mean"] - a["min"]) for _, a in pts]
+        high = [100 * (a["max"] - a["mean"]) for _, a in pts]
+        ax.errorbar(xs, mean, yerr=[low, high], marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("final test top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="fashion-mnist-cnn")
+    p.add_argument("--budget", default="quick", help="quick | full | tiny (cifar10-resnet20)")
+    p.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), default=None)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="where the dataset is (default: searched)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", type=Path, default=Path("runs/convergence"), help="run folders")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    task = TASKS[args.task]
+    if args.budget not in task.budgets:
+        p.error(f"--budget {args.budget!r}: {args.task} has {', '.join(task.budgets)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    tune_malloc()
+    task, budget = TASKS[args.task], TASKS[args.task].budgets[args.budget]
+    if args.batch_sizes:
+        budget = replace(budget, batch_sizes=tuple(args.batch_sizes))
+    contenders = [CONTENDERS[c] for c in (args.contenders or CONTENDERS)]
+    cfg = base_config(task, budget, args)
+    dataset = limited(load_dataset(task.data, args.data_dir), budget.train_limit, budget.test_limit)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    splits = prepare_splits(dataset, cfg.data.validation_size, device)
+    out = args.out / f"{args.task}-{args.budget}"
+    started = time.perf_counter()
+    rows = [
+        run_contender(cfg, dataset, splits, out, c, batch, budget)
+        for batch in budget.batch_sizes
+        for c in contenders
+    ]
+    wall = time.perf_counter() - started
+    title = (
+        f"B2/B5 convergence: {dataset.display_name}, {task.model}, budget {args.budget} "
+        f"({budget.epochs:g} epochs)"
+    )
+    command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {
+        "context": {
+            "title": title,
+            "command": command,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_info(torch.get_num_threads()),
+            "device": _device_name(device),
+            "dataset": dataset.display_name,
+            "model": task.model,
+            "recipe": task.recipe or "none",
+            "budget": args.budget,
+            "epochs": budget.epochs,
+            "seeds": budget.seeds,
+            "grid": f"{budget.grid_points} lrs factor 2 apart around each centre x sqrt(B/8192)",
+            "schedule": "1 epoch linear warm-up, cosine to 0; weight decay 5e-4 on weights",
+            "selection": "lr by last validation accuracy of seed 0 "
+            f"({int(splits[1].y.shape[0]) if splits[1] is not None else 0} held-out images)",
+            "train_images": int(splits[0].y.shape[0]),
+            "test_images": int(splits[2].y.shape[0]),
+            "wall_s": round(wall, 1),
+        },
+        "target_accuracy": task.target,
+        "results": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = (
+        args.results / f"convergence_{args.task}"
+        if args.budget == "full"
+        else (args.results / f"convergence_{args.task}_{args.budget}")
+    )
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    stem.with_suffix(".md").write_text(table)
+    plot_accuracy_vs_batch(rows, stem.parent / f"{stem.name}_accuracy.png", title)
+    plot_scaling(
+        scaling_curves(rows),
+        stem.parent / f"{stem.name}_scaling.png",
+        target=task.target,
+        title=f"steps to {100 * task.target:g}% test top-1, {dataset.display_name}, {task.model}",
+    )
+    print(table)
+    print(f"written: {stem}.json/.md and PNGs ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,12 +25,15 @@ from bigbatch.train.checkpoint import CheckpointError
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
 from bigbatch.train.dist_env import (
+    RESTART_ENV,
     TIMEOUT_ENV,
+    DistContext,
     PeerRankError,
     check_distributed,
     context,
     from_main,
     init_from_env,
+    restarted_by_launcher,
     shutdown,
 )
 from bigbatch.train.interrupt import TrainingInterrupted
@@ -95,6 +98,14 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
         default=1,
         metavar="N",
         help="data-parallel over N local processes (re-launched through torchrun)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --nproc: torchrun restarts every process up to K times after one fails; "
+        "each restart resumes from the last checkpoint (see train.checkpoint_every)",
     )
     parser.add_argument(
         "--dist-timeout",
@@ -195,7 +206,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
+def launch_command(nproc: int, argv: Sequence[str], max_restarts: int = 0) -> list[str]:
     """The torchrun command that runs ``bigbatch <argv>`` as ``nproc`` local processes."""
     return [
         sys.executable,
@@ -203,18 +214,19 @@ def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
         "-m",
         "bigbatch.train.cli",
         *_without_nproc(argv),
     ]
 
 
-def _launch(nproc: int, argv: Sequence[str]) -> int:
+def _launch(nproc: int, argv: Sequence[str], max_restarts: int) -> int:
     """Run the same command under torchrun; wait for it (Ctrl-C reaches the workers too)."""
     env = dict(os.environ)
     # torchrun would give every process 1 thread; share the machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(launch_command(nproc, argv), env=env)
+    proc = subprocess.Popen(launch_command(nproc, argv, max_restarts), env=env)
     interrupted = False
     while True:
         try:
@@ -246,9 +258,11 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
         cfg = load_config(args.config, _overrides(args))
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be at least 0, got {args.max_restarts}")
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher
             _check_world(args.command, cfg, args.nproc)
-            return _launch(args.nproc, arguments)
+            return _launch(args.nproc, arguments, args.max_restarts)
         ctx = init_from_env(cfg.train.device)
         _check_world(args.command, cfg, ctx.world_size)
         loaded: list[ImageDataset] = []
@@ -259,7 +273,8 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             f"data: {dataset.name} from {dataset.source} "
             f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
         )
-        return _run(args.command, cfg, dataset, args.out, args.resume, command)
+        resume = args.resume or _restarted_with_checkpoints(ctx, args.command, args.out)
+        return _run(args.command, cfg, dataset, args.out, resume, command)
     except (ConfigError, DatasetError, CheckpointError) as exc:
         _error(str(exc))
         return 2
@@ -273,6 +288,19 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
                 file=sys.stderr,
             )
         return 130
+
+
+def _restarted_with_checkpoints(ctx: DistContext, command: str, out: Path) -> bool:
+    """True when torchrun restarted this job after a failure and there is something to
+    resume: the run's checkpoint (``train``) or the folder of the grid (``compare``,
+    ``sweep``, which resume run by run). Rank 0 looks; every rank gets its answer."""
+    if not restarted_by_launcher():
+        return False
+    look = (out / "checkpoint.pt").is_file if command == "train" else out.is_dir
+    resume = bool(from_main(ctx, look))
+    if resume:
+        _say(f"restart {os.environ.get(RESTART_ENV)} by torchrun: resuming from {out}")
+    return resume
 
 
 def _run(

@@ -33,6 +33,7 @@ from bigbatch.train.config import ConfigError
 from bigbatch.train.optimizers import optimizer_spec
 
 __all__ = [
+    "RESTART_ENV",
     "TIMEOUT_ENV",
     "DistContext",
     "PeerRankError",
@@ -45,6 +46,7 @@ __all__ = [
     "init_from_env",
     "local_device",
     "raise_together",
+    "restarted_by_launcher",
     "shutdown",
 ]
 
@@ -53,6 +55,8 @@ T = TypeVar("T")
 #: Seconds a collective may wait for the other ranks before it fails.
 TIMEOUT_ENV = "BIGBATCH_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
+#: Set by torchrun: how many times it has restarted the workers of this job.
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 #: Elements per all-reduce bucket (16 Mi float32 values = 64 MiB).
 BUCKET_ELEMENTS = 1 << 24
 
@@ -98,6 +102,14 @@ def env_world_size() -> int:
         return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     except ValueError:
         return 1
+
+
+def restarted_by_launcher() -> bool:
+    """True in a process torchrun started again after a failure (``--max-restarts``)."""
+    try:
+        return int(os.environ.get(RESTART_ENV, "0")) > 0
+    except ValueError:
+        return False
 
 
 def _timeout() -> timedelta:

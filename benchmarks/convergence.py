@@ -389,6 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="where the dataset is (default: searched)")
+    p.add_argument("--cache-dir", default=None, help="where decoded arrays are cached")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/convergence"), help="run folders")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -407,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = replace(budget, batch_sizes=tuple(args.batch_sizes))
     contenders = [CONTENDERS[c] for c in (args.contenders or CONTENDERS)]
     cfg = base_config(task, budget, args)
-    dataset = limited(load_dataset(task.data, args.data_dir), budget.train_limit, budget.test_limit)
+    loaded = load_dataset(task.data, args.data_dir, cache_dir=args.cache_dir)
+    dataset = limited(loaded, budget.train_limit, budget.test_limit)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     splits = prepare_splits(dataset, cfg.data.validation_size, device)
     out = args.out / f"{args.task}-{args.budget}"

@@ -1,0 +1,71 @@
+"""``benchmarks/convergence.py`` (B2/B3/B5) end to end at its tiny CPU budget: CIFAR-10
+(JPEG) and ResNet-20 on a slice of the real data, so the GPU run (B3) is known to work
+before a GPU is lent; and its learning-rate grid rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data"
+SCRIPT = ROOT / "benchmarks" / "convergence.py"
+
+
+def test_tiny_cifar10_resnet20_run_writes_its_results(tmp_path: Path) -> None:
+    assert (REAL / "cifar10-jpeg.tar.xz").is_file(), f"real data expected in {REAL}"
+    contenders = ["momentum", "nlcg-kfac", "spngd-mc"]
+    done = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), "--task", "cifar10-resnet20", "--budget", "tiny",
+            "--contenders", *contenders, "--data-dir", str(REAL), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stem = tmp_path / "results" / "convergence_cifar10-resnet20_tiny"
+    results = json.loads(stem.with_suffix(".json").read_text())
+    assert results["context"]["dataset"] == "CIFAR-10 (JPEG)"
+    assert results["context"]["train_images"] == 1024 - 256
+    assert results["context"]["test_images"] == 256
+    rows = results["results"]
+    assert [r["contender"] for r in rows] == contenders
+    for row in rows:
+        assert row["batch_size"] == 256
+        assert len(row["seeds"]) == 1
+        (seed,) = row["seeds"]
+        assert seed["steps"] == 3  # 768 training images // 256, one epoch
+        assert 0.0 <= row["final_test_acc"]["mean"] <= 1.0
+        assert math.isfinite(seed["final_val_acc"])
+    table = stem.with_suffix(".md").read_text()
+    assert "| nlcg-kfac |" in table
+    assert "CIFAR-10 (JPEG)" in table
+    for suffix in ("_accuracy.png", "_scaling.png"):
+        assert (stem.parent / (stem.name + suffix)).stat().st_size > 1000
+
+
+def _grid_module():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import convergence
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return convergence
+
+
+@pytest.mark.parametrize(("batch", "scale"), [(8192, 1.0), (2048, 0.5), (32768, 2.0)])
+def test_grid_is_three_points_factor_two_apart_scaled_by_sqrt_batch(
+    batch: int, scale: float
+) -> None:
+    conv = _grid_module()
+    for contender in conv.CONTENDERS.values():
+        grid = conv.lr_grid(contender, batch, 3)
+        centre = contender.centre * scale
+        assert grid == pytest.approx((centre / 2, centre, centre * 2), rel=1e-3)

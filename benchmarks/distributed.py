@@ -3,7 +3,9 @@
 Every run trains the same model (``bigbatch.train.models.build_model(MODEL,
 in_channels=1, image_size=28, num_classes=10, width=WIDTH)``, float32, seed 0) on random
 data (``--data uniform``, the default: pixels uniform in [0, 1], non-negative like images;
-``--data normal``: ``N(0, 1)``; random labels, cross-entropy) with the same global batch
+``--data normal``: ``N(0, 1)``; random labels, cross-entropy) or on real images
+(``--data fashion-mnist``: a seeded random global batch of the training set per step,
+standardised with the training set's mean and std, true labels) with the same global batch
 (``--batch-size``, default 512) split evenly across the ranks, with SP-NGD (lr 0.01, momentum
 0.9, damping 1e-3, empirical Fisher) in three settings:
 
@@ -58,6 +60,7 @@ from torch.nn import functional as F
 from bigbatch import SPNGD, StalenessConfig
 from bigbatch.distributed.config import DistributedConfig
 from bigbatch.distributed.local_ranks import run_on_ranks
+from bigbatch.train.data import load_dataset
 from bigbatch.train.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,18 +93,14 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             distributed=DistributedConfig(mode) if world > 1 else None,
         )
     sync = opt.engine.sync
+    images = _fashion_mnist(cfg["data_dir"]) if cfg["data"] == "fashion-mnist" else None
     batch = cfg["batch_size"]
     shard = batch // world
     times: list[float] = []
     total_bytes: list[int] = []
     stat_bytes: list[int] = []
     for step in range(cfg["warmup"] + cfg["steps"]):
-        gen = torch.Generator().manual_seed(1000 + step)
-        if cfg["data"] == "uniform":
-            x = torch.rand(batch, 1, 28, 28, generator=gen)
-        else:
-            x = torch.randn(batch, 1, 28, 28, generator=gen)
-        y = torch.randint(0, 10, (batch,), generator=gen)
+        x, y = _global_batch(cfg, images, step)
         x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         before = 0 if sync is None else sync.comm.counter.total
         if world > 1:
@@ -119,6 +118,29 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"times": times, "bytes": total_bytes, "stat_bytes": stat_bytes, "params": params}
+
+
+def _fashion_mnist(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's training images, standardised as the harness does, and labels."""
+    ds = load_dataset("fashion-mnist", data_dir)
+    x = (ds.train_x.float() / 255 - ds.mean[0]) / ds.std[0]
+    return x, ds.train_y
+
+
+def _global_batch(
+    cfg: dict[str, Any], images: tuple[torch.Tensor, torch.Tensor] | None, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch, the same on every rank and for every world size."""
+    batch = cfg["batch_size"]
+    gen = torch.Generator().manual_seed(1000 + step)
+    if images is not None:
+        index = torch.randperm(images[1].shape[0], generator=gen)[:batch]
+        return images[0][index], images[1][index]
+    if cfg["data"] == "uniform":
+        x = torch.rand(batch, 1, 28, 28, generator=gen)
+    else:
+        x = torch.randn(batch, 1, 28, 28, generator=gen)
+    return x, torch.randint(0, 10, (batch,), generator=gen)
 
 
 def run_setting(world: int, cfg: dict[str, Any], timeout: float = 900.0) -> list[dict[str, Any]]:
@@ -158,10 +180,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=128, help="MLP hidden units / CNN channels")
     parser.add_argument(
         "--data",
-        choices=["uniform", "normal"],
+        choices=["uniform", "normal", "fashion-mnist"],
         default="uniform",
-        help="random pixels: uniform in [0, 1] (non-negative, like images) or N(0, 1)",
+        help="random pixels: uniform in [0, 1] (non-negative, like images) or N(0, 1), "
+        "random labels; or Fashion-MNIST's training images and labels (standardised)",
     )
+    parser.add_argument("--data-dir", help="Fashion-MNIST's folder (default: searched)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     for w in args.world_sizes:
@@ -194,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "data": args.data,
+                "data_dir": args.data_dir,
             }
             outs = run_setting(world, cfg)
             row = summarise(outs)

@@ -252,8 +252,26 @@ def run_contender(
                 say=partial(_say, f"[{contender.label} seed {seed}]"),
             )
             seeds.append(again.runs[0])
+    return summarise(contender, batch, grid, first.runs, first.chosen, seeds, cfg)
+
+
+def _steps(run: RunResult, target: float) -> int | None:
+    """Steps to ``target`` of a run that finished (a diverged run reaches nothing)."""
+    return run.steps_to(target) if run.status == "finished" else None
+
+
+def summarise(
+    contender: Contender,
+    batch: int,
+    grid: Sequence[float],
+    grid_runs: Sequence[RunResult],
+    chosen: RunResult | None,
+    seeds: Sequence[RunResult],
+    cfg: Config,
+) -> dict[str, Any]:
+    """One (contender, batch) cell: the grid, the chosen lr, every seed at it, the spread."""
     target = cfg.train.target_accuracy
-    finals = [r.last("test_acc") if r.status == "finished" else float("nan") for r in seeds]
+    finished = [r for r in seeds if r.status == "finished"]
     return {
         "contender": contender.label,
         "optimizer": contender.optimizer,
@@ -261,31 +279,58 @@ def run_contender(
         "centre_at_8192": contender.centre,
         "centre_origin": contender.origin,
         "batch_size": batch,
+        "eval_every_steps": cfg.train.eval_every,
         "grid": list(grid),
-        "grid_runs": [r.to_dict() for r in first.runs],
-        "diverged": sum(r.status == "diverged" for r in first.runs),
-        "chosen_lr": first.chosen.lr if first.chosen else None,
-        "chosen_at_edge": bool(
-            first.chosen and len(grid) > 1 and first.chosen.lr in (grid[0], grid[-1])
-        ),
+        "grid_runs": [r.to_dict() for r in grid_runs],
+        "grid_diverged": sum(r.status == "diverged" for r in grid_runs),
+        "chosen_lr": chosen.lr if chosen else None,
+        "chosen_at_edge": bool(chosen and len(grid) > 1 and chosen.lr in (grid[0], grid[-1])),
         "seeds": [
-            r.to_dict() | {"steps_to_target": r.steps_to(target), "history": r.history}
+            r.to_dict() | {"steps_to_target": _steps(r, target), "history": r.history}
             for r in seeds
         ],
-        "final_test_acc": _spread(finals),
-        "steps_to_target": [r.steps_to(target) for r in seeds],
+        "seeds_diverged": len(seeds) - len(finished),
+        "final_test_acc": _spread([r.last("test_acc") for r in finished]),
+        "steps_to_target": [_steps(r, target) for r in seeds],
     }
 
 
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
     good = [v for v in values if math.isfinite(v)]
-    if not good or len(good) < len(values):
+    if not good:
         return {"mean": None, "min": None, "max": None}
     return {"mean": statistics.fmean(good), "min": min(good), "max": max(good)}
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _accuracy_cell(r: dict[str, Any]) -> str:
+    if r["chosen_lr"] is None:
+        return f"all {len(r['grid'])} lrs diverged"
+    acc = r["final_test_acc"]
+    if acc["mean"] is None:
+        text = "every seed diverged"
+    else:
+        text = f"{_pct(acc['mean'])} ({_pct(acc['min'])}-{_pct(acc['max'])})"
+    text += f" lr {r['chosen_lr']:g}" + ("*" if r["chosen_at_edge"] else "")
+    if r["grid_diverged"]:
+        text += f", {r['grid_diverged']}/{len(r['grid'])} lrs div"
+    if r["seeds_diverged"]:
+        text += f", {r['seeds_diverged']}/{len(r['seeds'])} seeds div"
+    return text
+
+
+def _steps_cell(r: dict[str, Any]) -> str:
+    if r["chosen_lr"] is None:
+        return "diverged"
+    marks = []
+    for seed, steps in zip(r["seeds"], r["steps_to_target"], strict=True):
+        marks.append(
+            "div" if seed["status"] != "finished" else "-" if steps is None else str(steps)
+        )
+    return " / ".join(marks) + f" (every {r['eval_every_steps']})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -299,8 +344,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"- machine: {m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch']}"]
     lines += [
         "",
-        "Final test top-1 (%), mean over seeds (min-max) at the chosen lr; "
-        "`*` = chosen lr at the grid's edge, `div k` = k grid runs diverged.",
+        "Final test top-1 (%), mean over the seeds (min-max) at the chosen lr; "
+        "`*` = the chosen lr is at the grid's edge; `k/n lrs div` = grid runs (seed 0) that "
+        "diverged; `k/n seeds div` = seeds that diverged at the chosen lr (left out of the "
+        "mean).",
         "",
         "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
@@ -309,20 +356,13 @@ def markdown(results: dict[str, Any]) -> str:
         cells = []
         for b in batches:
             r = cell.get((label, b))
-            if r is None or r["final_test_acc"]["mean"] is None:
-                cells.append("diverged" if r else "")
-                continue
-            acc = r["final_test_acc"]
-            text = f"{_pct(acc['mean'])} ({_pct(acc['min'])}-{_pct(acc['max'])})"
-            text += f" lr {r['chosen_lr']:g}" + ("*" if r["chosen_at_edge"] else "")
-            if r["diverged"]:
-                text += f" div {r['diverged']}"
-            cells.append(text)
+            cells.append("" if r is None else _accuracy_cell(r))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Steps to {100 * target:g}% test top-1 per seed at the chosen lr "
-        "(`-` = not reached within the budget):",
+        f"Steps to {100 * target:g}% test top-1 per seed at the chosen lr (`-` = not reached "
+        "within the budget, `div` = diverged); the test set is evaluated every N steps "
+        "(in brackets), so a count is the first evaluation at or above the target:",
         "",
         "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
@@ -331,9 +371,13 @@ def markdown(results: dict[str, Any]) -> str:
         cells = []
         for b in batches:
             r = cell.get((label, b))
-            steps = r["steps_to_target"] if r else []
-            cells.append(" / ".join("-" if s is None else str(s) for s in steps))
+            cells.append("" if r is None else _steps_cell(r))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Learning-rate grid centres (at batch 8192; x sqrt(B/8192) per batch):", ""]
+    lines += ["| optimizer | centre | where the centre comes from |", "|---|---|---|"]
+    for label in labels:
+        r = next(r for r in rows if r["contender"] == label)
+        lines.append(f"| {label} | {r['centre_at_8192']:g} | {r['centre_origin']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -420,8 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in contenders
     ]
     wall = time.perf_counter() - started
+    bench = "B3" if args.task == "cifar10-resnet20" else "B2/B5"
     title = (
-        f"B2/B5 convergence: {dataset.display_name}, {task.model}, budget {args.budget} "
+        f"{bench} convergence: {dataset.display_name}, {task.model}, budget {args.budget} "
         f"({budget.epochs:g} epochs)"
     )
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -433,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine_info(torch.get_num_threads()),
             "device": _device_name(device),
             "dataset": dataset.display_name,
+            **({"data_note": dataset.notes} if dataset.notes else {}),
             "model": task.model,
             "recipe": task.recipe or "none",
             "budget": args.budget,
@@ -444,17 +490,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({int(splits[1].y.shape[0]) if splits[1] is not None else 0} held-out images)",
             "train_images": int(splits[0].y.shape[0]),
             "test_images": int(splits[2].y.shape[0]),
-            "wall_s": round(wall, 1),
+            "steps_per_epoch": {
+                b: steps_per_epoch(int(splits[0].y.shape[0]), b) for b in budget.batch_sizes
+            },
+            "wall_s (this invocation; reused runs cost nothing)": round(wall, 1),
         },
         "target_accuracy": task.target,
         "results": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = (
-        args.results / f"convergence_{args.task}"
-        if args.budget == "full"
-        else (args.results / f"convergence_{args.task}_{args.budget}")
-    )
+    subset = "_subset" if args.contenders or args.batch_sizes else ""
+    budget_tag = "" if args.budget == "full" else f"_{args.budget}"
+    stem = args.results / f"convergence_{args.task}{budget_tag}{subset}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     stem.with_suffix(".md").write_text(table)

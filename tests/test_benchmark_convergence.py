@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bigbatch.train.config import config_from_mapping
+from bigbatch.train.loop import RunResult
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data"
 SCRIPT = ROOT / "benchmarks" / "convergence.py"
@@ -69,3 +72,46 @@ def test_grid_is_three_points_factor_two_apart_scaled_by_sqrt_batch(
         grid = conv.lr_grid(contender, batch, 3)
         centre = contender.centre * scale
         assert grid == pytest.approx((centre / 2, centre, centre * 2), rel=1e-3)
+
+
+def _run(lr: float, status: str, accs: list[float], seed_steps: int = 10) -> RunResult:
+    history = [{"step": seed_steps * i, "test_acc": a} for i, a in enumerate(accs)]
+    return RunResult("r", "momentum", lr, 1024, seed_steps * len(accs), history, status)
+
+
+def test_summary_keeps_finished_seeds_and_marks_diverged_ones() -> None:
+    conv = _grid_module()
+    contender = conv.CONTENDERS["momentum"]
+    cfg = config_from_mapping({"train": {"target_accuracy": 0.8, "eval_every": 10}})
+    grid = (0.1, 0.2, 0.4)
+    runs = [
+        _run(0.1, "finished", [0.5, 0.7]),
+        _run(0.2, "finished", [0.5, 0.85, 0.9]),
+        _run(0.4, "diverged", [0.5, 0.95]),  # crossed the target, then diverged
+    ]
+    seeds = [runs[1], _run(0.2, "diverged", [0.6, 0.82]), _run(0.2, "finished", [0.6, 0.7, 0.8])]
+    row = conv.summarise(contender, 1024, grid, runs, runs[1], seeds, cfg)
+    assert row["final_test_acc"] == pytest.approx({"mean": 0.85, "min": 0.8, "max": 0.9})
+    assert row["steps_to_target"] == [10, None, 20]  # a diverged seed reaches nothing
+    assert row["grid_diverged"] == 1
+    assert row["seeds_diverged"] == 1
+    assert row["chosen_at_edge"] is False
+    cell = conv._accuracy_cell(row)
+    assert cell.startswith("85.00 (80.00-90.00) lr 0.2")
+    assert "1/3 lrs div" in cell
+    assert "1/3 seeds div" in cell
+    assert conv._steps_cell(row) == "10 / div / 20 (every 10)"
+    curves = conv.scaling_curves([row])
+    assert curves == {"momentum": [(1024, None)]}  # not every seed reached the target
+
+
+def test_summary_when_every_lr_diverged() -> None:
+    conv = _grid_module()
+    cfg = config_from_mapping({"train": {"target_accuracy": 0.8, "eval_every": 5}})
+    runs = [_run(lr, "diverged", [0.3]) for lr in (0.1, 0.2, 0.4)]
+    row = conv.summarise(conv.CONTENDERS["lars"], 4096, (0.1, 0.2, 0.4), runs, None, [], cfg)
+    assert row["chosen_lr"] is None
+    assert row["final_test_acc"]["mean"] is None
+    assert conv._accuracy_cell(row) == "all 3 lrs diverged"
+    assert conv._steps_cell(row) == "diverged"
+    assert conv.scaling_curves([row]) == {"lars": [(4096, None)]}

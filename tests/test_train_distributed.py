@@ -478,5 +478,5 @@ def test_launch_command_drops_nproc() -> None:
     command = launch_command(2, ["train", "--nproc", "2", "--npro=2", "--lr", "0.1"])
     assert command[1:] == [
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "bigbatch.train.cli", "train", "--lr", "0.1",
+        "--max-restarts=0", "-m", "bigbatch.train.cli", "train", "--lr", "0.1",
     ]  # fmt: skip

@@ -5,7 +5,9 @@ the same result as one agent with two processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,7 +95,10 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_result(tmp_path: Pat
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            steps = [int(r["step"]) for r in read_metrics(out / "metrics.jsonl")]
+            try:
+                steps = [int(r["step"]) for r in read_metrics(out / "metrics.jsonl")]
+            except json.JSONDecodeError:  # a line being written
+                steps = []
             if steps and steps[-1] >= 25:  # a checkpoint at 20 exists, and steps after it
                 break
             time.sleep(0.02)
@@ -105,7 +110,10 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_result(tmp_path: Pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr
-    assert "restart 1 by torchrun: resuming" in stdout
+    resumed = re.search(r"restart 1 by torchrun: resuming from step (\d+) of", stdout)
+    assert resumed is not None, stdout
+    assert int(resumed[1]) >= 20  # not from scratch: from a checkpoint of this job
+    assert int(resumed[1]) % 10 == 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 760
     _same(out, reference)
 
@@ -156,13 +164,59 @@ def test_two_agents_rendezvous_as_two_nodes(tmp_path: Path) -> None:
     _same(out, one_agent)
 
 
-def test_max_restarts_must_not_be_negative(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-restarts", "-1"], "--max-restarts must be at least 0"),
+        (["--max-restarts", "2"], "--max-restarts needs --nproc 2 or more"),
+        (
+            [
+                "--nproc",
+                "2",
+                "--optimizer",
+                "nlcg",
+                "--set",
+                "optimizer.options.preconditioner=kfac",
+            ],
+            "optimizer.options.preconditioner='kfac': NLCG's K-FAC preconditioner has no "
+            "distributed mode",
+        ),
+    ],
+)
+def test_refused_before_any_process_starts(extra: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [*CLI, *TRAIN, "--epochs", "1", "--max-restarts", "-1", "--out", str(tmp_path)],
+        [*CLI, *TRAIN, "--epochs", "1", *extra, "--out", str(tmp_path)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert done.returncode == 2
-    assert "--max-restarts must be at least 0" in done.stderr
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "torch.distributed" not in done.stderr  # refused before torchrun started
+
+
+def test_a_restart_resumes_only_what_its_own_job_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older job's checkpoint or finished run in the same folder is not resumed."""
+    from bigbatch.train.checkpoint import save_checkpoint
+    from bigbatch.train.cli import _own_checkpoint_step
+    from bigbatch.train.experiments import _finished, _resumable
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": 30, "launch_id": "old-job"}, path)
+    assert _own_checkpoint_step(path, "new-job") is None
+    assert _own_checkpoint_step(path, "old-job") == 30
+    assert _own_checkpoint_step(tmp_path / "missing.pt", "new-job") is None
+    assert not _resumable(path, "new-job")
+    assert _resumable(path, "old-job")
+    assert _resumable(path, None)  # --resume by hand: any checkpoint
+
+    summary = {"optimizer": "momentum", "lr": 0.1, "batch_size": 64, "steps": 30}
+    summary |= {"status": "finished", "wall_s": 1.0, "launch_id": "old-job"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert _finished(tmp_path, "new-job") is None
+    finished = _finished(tmp_path, None)
+    assert finished is not None
+    assert finished.steps == 30
 
 
 @pytest.mark.parametrize("restarts", [0, 3])

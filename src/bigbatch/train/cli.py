@@ -19,9 +19,10 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
-from bigbatch.train.checkpoint import CheckpointError
+from bigbatch.train.checkpoint import CheckpointError, load_checkpoint
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
 from bigbatch.train.dist_env import (
@@ -33,6 +34,7 @@ from bigbatch.train.dist_env import (
     context,
     from_main,
     init_from_env,
+    launch_id,
     restarted_by_launcher,
     shutdown,
 )
@@ -189,6 +191,15 @@ def _check_world(command: str, cfg: Config, world_size: int) -> None:
         micro_batch_size=cfg.train.micro_batch_size,
         optimizers=optimizers,
     )
+    options = cfg.optimizer.options if command == "train" else cfg.compare.options.get("nlcg", {})
+    kfac = str(options.get("preconditioner", "")).lower() == "kfac"
+    if world_size > 1 and "nlcg" in optimizers and kfac:
+        key = "optimizer.options" if command == "train" else "compare.options.nlcg"
+        raise ConfigError(
+            f"{key}.preconditioner='kfac': NLCG's K-FAC preconditioner has no distributed "
+            "mode yet (each rank would precondition with its own statistics); run it in one "
+            "process, or use spngd"
+        )
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -260,6 +271,11 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
         if args.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be at least 0, got {args.max_restarts}")
+        if args.max_restarts and args.nproc < 2 and "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "--max-restarts needs --nproc 2 or more (torchrun restarts the processes it "
+                "started); for one process, re-run the command with --resume"
+            )
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher
             _check_world(args.command, cfg, args.nproc)
             return _launch(args.nproc, arguments, args.max_restarts)
@@ -273,8 +289,8 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             f"data: {dataset.name} from {dataset.source} "
             f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
         )
-        resume = args.resume or _restarted_with_checkpoints(ctx, args.command, args.out)
-        return _run(args.command, cfg, dataset, args.out, resume, command)
+        restart = None if args.resume else _after_restart(ctx, args.command, args.out)
+        return _run(args.command, cfg, dataset, args.out, args.resume, command, restart)
     except (ConfigError, DatasetError, CheckpointError) as exc:
         _error(str(exc))
         return 2
@@ -290,22 +306,44 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
         return 130
 
 
-def _restarted_with_checkpoints(ctx: DistContext, command: str, out: Path) -> bool:
-    """True when torchrun restarted this job after a failure and there is something to
-    resume: the run's checkpoint (``train``) or the folder of the grid (``compare``,
-    ``sweep``, which resume run by run). Rank 0 looks; every rank gets its answer."""
-    if not restarted_by_launcher():
-        return False
-    look = (out / "checkpoint.pt").is_file if command == "train" else out.is_dir
-    resume = bool(from_main(ctx, look))
-    if resume:
-        _say(f"restart {os.environ.get(RESTART_ENV)} by torchrun: resuming from {out}")
-    return resume
+def _after_restart(ctx: DistContext, command: str, out: Path) -> str | None:
+    """torchrun's job id when it restarted this job after a failure, else None.
+
+    Then ``train`` resumes from its checkpoint if this job wrote it (not an earlier job in
+    the same folder), and ``compare``/``sweep`` reuse only the runs this job finished.
+    Rank 0 looks at the files; every rank gets its answer.
+    """
+    job = launch_id()
+    if not restarted_by_launcher() or job is None:
+        return None
+    if command == "train":
+        path = out / "checkpoint.pt"
+        step = from_main(ctx, partial(_own_checkpoint_step, path, job))
+        where = f"step {step} of {path}" if step is not None else "the start (no checkpoint yet)"
+    else:
+        where = f"the runs finished in {out}"
+    _say(f"restart {os.environ.get(RESTART_ENV)} by torchrun: resuming from {where}")
+    return job
+
+
+def _own_checkpoint_step(path: Path, job: str) -> int | None:
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    return int(state["step"]) if state.get("launch_id") == job else None
 
 
 def _run(
-    command: str, cfg: Config, dataset: ImageDataset, out: Path, resume: bool, line: str
+    command: str,
+    cfg: Config,
+    dataset: ImageDataset,
+    out: Path,
+    resume: bool,
+    line: str,
+    restart: str | None = None,
 ) -> int:
+    """Run ``command``; ``restart`` (torchrun's job id after a restart) resumes what this
+    job itself wrote."""
     from bigbatch.train.experiments import run_compare, run_sweep
     from bigbatch.train.loop import TrainingRun
     from bigbatch.train.report import write_compare, write_sweep
@@ -314,7 +352,11 @@ def _run(
     if main:
         out.mkdir(parents=True, exist_ok=True)
     if command == "train":
-        result = TrainingRun(cfg, dataset, out).run(resume=resume)
+        run = TrainingRun(cfg, dataset, out)
+        if restart is not None:
+            own = partial(_own_checkpoint_step, run.checkpoint_path, restart)
+            resume = from_main(context(), own) is not None
+        result = run.run(resume=resume)
         _say(
             f"{result.status}: {result.steps} steps, final test accuracy "
             f"{result.last('test_acc'):.4f}, best {result.best('test_acc'):.4f}; "
@@ -322,12 +364,16 @@ def _run(
         )
         return 0 if result.status == "finished" else 1
     if command == "compare":
-        choices = run_compare(cfg, dataset, out, resume=resume, say=_say)
+        choices = run_compare(
+            cfg, dataset, out, resume=resume or restart is not None, say=_say, launch=restart
+        )
         if not main:
             return 0
         md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset)
     else:
-        choices = run_sweep(cfg, dataset, out, resume=resume, say=_say)
+        choices = run_sweep(
+            cfg, dataset, out, resume=resume or restart is not None, say=_say, launch=restart
+        )
         if not main:
             return 0
         md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset)

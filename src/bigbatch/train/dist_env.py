@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import PrefixStore
+from torch.distributed.rendezvous import rendezvous
 
 from bigbatch.train.config import ConfigError
 from bigbatch.train.optimizers import optimizer_spec
@@ -44,6 +46,7 @@ __all__ = [
     "env_world_size",
     "from_main",
     "init_from_env",
+    "launch_id",
     "local_device",
     "raise_together",
     "restarted_by_launcher",
@@ -112,6 +115,11 @@ def restarted_by_launcher() -> bool:
         return False
 
 
+def launch_id() -> str | None:
+    """torchrun's id of this job (``TORCHELASTIC_RUN_ID``; kept across its restarts)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def _timeout() -> timedelta:
     raw = os.environ.get(TIMEOUT_ENV)
     try:
@@ -156,8 +164,18 @@ def init_from_env(device: str) -> DistContext:
         if not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA device is available")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = _timeout()
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    # After a torchrun restart the agent's store still holds the failed attempt's keys
+    # (e.g. gloo's peer addresses): a fresh prefix per attempt keeps the new group from
+    # reading them and connecting to processes that are gone.
+    attempt = os.environ.get(RESTART_ENV, "0")
     dist.init_process_group(
-        backend="nccl" if use_cuda else "gloo", init_method="env://", timeout=_timeout()
+        backend="nccl" if use_cuda else "gloo",
+        store=PrefixStore(f"bigbatch/attempt_{attempt}/", store),
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
     )
     _initialised_here = True
     return context()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bigbatch.train.batches import Split, prepare_splits
+from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.config import Config, OptimizerConfig
 from bigbatch.train.data import ImageDataset
 from bigbatch.train.dist_env import (
@@ -71,11 +72,13 @@ def _run_config(cfg: Config, optimizer: str, lr: float, batch_size: int) -> Conf
     return cfg.model_copy(update={"optimizer": opt, "train": train})
 
 
-def _finished(run_dir: Path) -> RunResult | None:
+def _finished(run_dir: Path, launch: str | None) -> RunResult | None:
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return None
     data = json.loads(summary.read_text())
+    if launch is not None and data.get("launch_id") != launch:
+        return None  # from an earlier job in the same folder: train it again
     return RunResult(
         name=run_dir.name,
         optimizer=data["optimizer"],
@@ -87,6 +90,13 @@ def _finished(run_dir: Path) -> RunResult | None:
         wall_s=data["wall_s"],
         micro_batch_size=data.get("micro_batch_size", 0),
     )
+
+
+def _resumable(checkpoint: Path, launch: str | None) -> bool:
+    """A checkpoint to continue: any, or (``launch`` given) only one that job wrote."""
+    if not checkpoint.is_file():
+        return False
+    return launch is None or load_checkpoint(checkpoint).get("launch_id") == launch
 
 
 def _score(run: RunResult, select_by: str) -> float:
@@ -107,8 +117,13 @@ def run_grid(
     resume: bool,
     splits: tuple[Split, Split | None, Split],
     say: Say,
+    launch: str | None = None,
 ) -> Choice:
-    """Train ``optimizer`` at ``batch_size`` for every lr; pick the best finished run."""
+    """Train ``optimizer`` at ``batch_size`` for every lr; pick the best finished run.
+
+    With ``resume``, finished runs are read back and interrupted ones continued; ``launch``
+    (torchrun's job id, after a restart) limits that to the files this job wrote.
+    """
     select_by = cfg.compare.select_by
     if select_by == "validation" and splits[1] is None:
         select_by = "test"
@@ -116,7 +131,7 @@ def run_grid(
     ctx = context()
     for lr in lrs:
         run_dir = out_dir / f"b{batch_size}" / optimizer / f"lr{lr:g}"
-        done = from_main(ctx, partial(_finished, run_dir)) if resume else None
+        done = from_main(ctx, partial(_finished, run_dir, launch)) if resume else None
         if done is None:
             run = TrainingRun(
                 _run_config(cfg, optimizer, lr, batch_size),
@@ -125,7 +140,7 @@ def run_grid(
                 name=f"{optimizer} lr={lr:g} b={batch_size}",
                 splits=splits,
             )
-            started = resume and from_main(ctx, run.checkpoint_path.is_file)
+            started = resume and from_main(ctx, partial(_resumable, run.checkpoint_path, launch))
             done = run.run(resume=started)
         runs.append(done)
         say(
@@ -152,7 +167,13 @@ def _device(cfg: Config) -> torch.device:
 
 
 def run_compare(
-    cfg: Config, dataset: ImageDataset, out_dir: Path, *, resume: bool, say: Say
+    cfg: Config,
+    dataset: ImageDataset,
+    out_dir: Path,
+    *,
+    resume: bool,
+    say: Say,
+    launch: str | None = None,
 ) -> list[Choice]:
     """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid."""
     for name in cfg.compare.optimizers:
@@ -171,6 +192,7 @@ def run_compare(
             resume=resume,
             splits=splits,
             say=say,
+            launch=launch,
         )
         for name in cfg.compare.optimizers
     ]
@@ -180,7 +202,13 @@ def run_compare(
 
 
 def run_sweep(
-    cfg: Config, dataset: ImageDataset, out_dir: Path, *, resume: bool, say: Say
+    cfg: Config,
+    dataset: ImageDataset,
+    out_dir: Path,
+    *,
+    resume: bool,
+    say: Say,
+    launch: str | None = None,
 ) -> list[Choice]:
     """Optimizers x batch sizes, each with its lr grid scaled by ``sweep.lr_scaling``."""
     for name in cfg.compare.optimizers:
@@ -198,6 +226,7 @@ def run_sweep(
             resume=resume,
             splits=splits,
             say=say,
+            launch=launch,
         )
         for batch in cfg.sweep.batch_sizes
         for name in cfg.compare.optimizers

@@ -67,6 +67,7 @@ from bigbatch.train.dist_env import (
     check_distributed,
     from_main,
     init_from_env,
+    launch_id,
     local_device,
     raise_together,
 )
@@ -422,6 +423,7 @@ class TrainingRun:
             mixup = gathered
         return {
             "format": 1,
+            "launch_id": launch_id(),  # torchrun's job id: a restart resumes its own files
             "config": self.cfg.to_dict(),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -554,7 +556,8 @@ class TrainingRun:
             micro_batch_size=self.micro,
         )
         if main:
-            (self.run_dir / "summary.json").write_text(_json(result.to_dict()))
+            summary = result.to_dict() | {"launch_id": launch_id()}
+            (self.run_dir / "summary.json").write_text(_json(summary))
         barrier(self.dist)
         return result
 

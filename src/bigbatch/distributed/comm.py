@@ -11,12 +11,15 @@ to the largest and reduce-scattered in one call; on every other backend each own
 is summed onto it with one ``dist.reduce`` per non-empty segment (``world_size`` small calls,
 but each rank only sends what the other owners need, unlike one all-reduce of the packed
 buffer, which moves every segment to every rank at twice the bytes). Variable-size
-all-gathers pad every segment to the largest and use ``dist.all_gather``.
+all-gathers: on NCCL every segment is padded to the largest for one ``dist.all_gather``; on
+other backends, one ``dist.broadcast`` per owner's segment, so that a rank owning one big
+Fisher block does not make every rank send that block's size.
 
 Bytes are counted as what one rank sends under the bandwidth-optimal algorithm of each call
 (the model benchmarks report as "bytes sent per rank"): all-reduce of ``S`` bytes:
 ``2 (W-1)/W S``; per-owner reduce: the segments of the other owners, ``S - s_rank``; padded
-reduce-scatter and all-gather: ``(W-1) max_k s_k``. ``W = 1`` sends nothing.
+reduce-scatter and all-gather: ``(W-1) max_k s_k``; one broadcast per segment (pipelined,
+averaged over the ranks): ``(W-1)/W sum_k s_k``. ``W = 1`` sends nothing.
 
 This module knows nothing about Fisher blocks or optimizers.
 """
@@ -161,12 +164,28 @@ class Communicator:
         width = max(sizes)
         if width == 0:
             return [segment.new_empty(0) for _ in range(w)]
+        if self.backend != "nccl" and min(sizes) != width:
+            return self._broadcast_each(segment, sizes, tag)
         padded = segment.new_zeros(width)
         padded[: segment.numel()] = segment
         out = [segment.new_empty(width) for _ in range(w)]
         dist.all_gather(out, padded, group=self.group)
         self.counter.add(tag, (w - 1) * width * segment.element_size())
         return [o[:n] for o, n in zip(out, sizes, strict=True)]
+
+    def _broadcast_each(self, segment: Tensor, sizes: Sequence[int], tag: str) -> list[Tensor]:
+        """Uneven all-gather as one broadcast per non-empty segment: ``(W-1)/W sum_k s_k``
+        bytes per rank instead of the padded all-gather's ``(W-1) max_k s_k``."""
+        w = self.world_size
+        out = []
+        for k, n in enumerate(sizes):
+            buf = segment if k == self.rank else segment.new_empty(n)
+            if n:
+                dist.broadcast(buf, src=self._global(k), group=self.group)
+            out.append(buf)
+        total = sum(sizes) * segment.element_size()
+        self.counter.add(tag, (w - 1) * total // w)
+        return out
 
 
 def _nbytes(t: Tensor) -> int:

@@ -35,6 +35,17 @@ def test_override_values_are_parsed_as_yaml_scalars() -> None:
     assert out == {"a": {"b": 0.5, "c": True, "d": [1, 2], "e": None, "f": "text"}}
 
 
+def test_exponent_notation_is_a_number_in_overrides_and_yaml(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads ``1e-2`` as a string; the harness reads it as 0.01."""
+    out = apply_overrides({}, ["a.b=1e-2", "a.c=[2.5E-4, 1e3]", "a.d=-3e+1", "a.e=e5"])
+    assert out == {"a": {"b": 0.01, "c": [2.5e-4, 1000.0], "d": -30.0, "e": "e5"}}
+    yml = tmp_path / "run.yaml"
+    yml.write_text("optimizer:\n  name: spngd\n  options:\n    damping: 1e-2\n")
+    cfg = load_config(yml, ["optimizer.lr=5e-3"])
+    assert cfg.optimizer.options["damping"] == 0.01
+    assert cfg.optimizer.lr == 0.005
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

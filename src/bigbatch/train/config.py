@@ -13,6 +13,7 @@ them (``optimizers.py``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -229,10 +230,29 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            node[parts[-1]] = _yaml_value(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
     return out
+
+
+#: What YAML 1.1 (PyYAML) leaves a string although every user means a number: ``1e-3``.
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _exponents_as_floats(value: Any) -> Any:
+    """``"1e-3"`` -> ``0.001``, in nested lists and mappings too."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_exponents_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _exponents_as_floats(v) for k, v in value.items()}
+    return value
+
+
+def _yaml_value(raw: str) -> Any:
+    return _exponents_as_floats(yaml.safe_load(raw))
 
 
 def _read_file(file: Path) -> dict[str, Any]:
@@ -242,7 +262,7 @@ def _read_file(file: Path) -> dict[str, Any]:
             with file.open("rb") as fh:
                 loaded: Any = tomllib.load(fh)
         elif suffix in (".yaml", ".yml"):
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = _exponents_as_floats(yaml.safe_load(file.read_text()) or {})
         else:
             raise ConfigError(f"config file {file} must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:

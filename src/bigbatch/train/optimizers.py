@@ -120,7 +120,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "SP-NGD (K-FAC, stale)",
             _spngd,
             (0.005, 0.01, 0.02),
-            {"momentum": 0.9, "damping": 1e-3},
+            # weight rescaling as in the SP-NGD reference: with weight decay alone (lr * wd is
+            # tiny at natural-gradient learning rates) the weights of BatchNorm networks grow
+            # and the effective step shrinks; Fashion-MNIST CNN, batch 4096, 8 epochs:
+            # 84.8% -> 88.1% test (85.8% -> 88.7% validation)
+            {"momentum": 0.9, "damping": 1e-3, "weight_rescale": True},
             uses_curvature=True,
         ),
     )

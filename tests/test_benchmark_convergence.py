@@ -90,7 +90,9 @@ def test_summary_keeps_finished_seeds_and_marks_diverged_ones() -> None:
         _run(0.4, "diverged", [0.5, 0.95]),  # crossed the target, then diverged
     ]
     seeds = [runs[1], _run(0.2, "diverged", [0.6, 0.82]), _run(0.2, "finished", [0.6, 0.7, 0.8])]
-    row = conv.summarise(contender, 1024, grid, runs, runs[1], seeds, cfg)
+    row = conv.summarise(contender, 1024, grid, runs, runs[1], seeds, cfg, (0.7,))
+    assert row["steps_to"] == {"0.8": [10, None, 20], "0.7": [10, None, 10]}
+    assert conv.scaling_curves([row], "0.7") == {"momentum": [(1024, None)]}
     assert row["final_test_acc"] == pytest.approx({"mean": 0.85, "min": 0.8, "max": 0.9})
     assert row["steps_to_target"] == [10, None, 20]  # a diverged seed reaches nothing
     assert row["grid_diverged"] == 1

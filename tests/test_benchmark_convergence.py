@@ -33,7 +33,7 @@ def test_tiny_cifar10_resnet20_run_writes_its_results(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    stem = tmp_path / "results" / "convergence_cifar10-resnet20_tiny"
+    stem = tmp_path / "results" / "convergence_cifar10-resnet20_tiny_subset"  # --contenders
     results = json.loads(stem.with_suffix(".json").read_text())
     assert results["context"]["dataset"] == "CIFAR-10 (JPEG)"
     assert results["context"]["train_images"] == 1024 - 256

@@ -165,18 +165,21 @@ def init_from_env(device: str) -> DistContext:
             raise ConfigError("train.device is 'cuda' but no CUDA device is available")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = _timeout()
-    store, rank, world = next(rendezvous("env://", timeout=timeout))
-    # After a torchrun restart the agent's store still holds the failed attempt's keys
-    # (e.g. gloo's peer addresses): a fresh prefix per attempt keeps the new group from
-    # reading them and connecting to processes that are gone.
-    attempt = os.environ.get(RESTART_ENV, "0")
-    dist.init_process_group(
-        backend="nccl" if use_cuda else "gloo",
-        store=PrefixStore(f"bigbatch/attempt_{attempt}/", store),
-        rank=rank,
-        world_size=world,
-        timeout=timeout,
-    )
+    backend = "nccl" if use_cuda else "gloo"
+    if restarted_by_launcher():
+        # After a torchrun restart the agent's store still holds the failed attempt's keys
+        # (e.g. gloo's peer addresses): a fresh prefix per attempt keeps the new group from
+        # reading them and connecting to processes that are gone.
+        store, rank, world = next(rendezvous("env://", timeout=timeout))
+        dist.init_process_group(
+            backend=backend,
+            store=PrefixStore(f"bigbatch/attempt_{os.environ[RESTART_ENV]}/", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     _initialised_here = True
     return context()
 

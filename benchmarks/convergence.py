@@ -32,7 +32,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -337,12 +337,29 @@ def _steps_cell(r: dict[str, Any], key: str | None = None) -> str:
     if r["chosen_lr"] is None:
         return "diverged"
     marks = []
-    per_seed = r["steps_to_target"] if key is None else r["steps_to"][key]
+    per_seed = r["steps_to"][key] if key is not None and "steps_to" in r else r["steps_to_target"]
     for seed, steps in zip(r["seeds"], per_seed, strict=True):
         marks.append(
             "div" if seed["status"] != "finished" else "-" if steps is None else str(steps)
         )
     return " / ".join(marks) + f" (every {r['eval_every_steps']})"
+
+
+def _grid_table(
+    labels: Sequence[str],
+    batches: Sequence[int],
+    cell: dict[tuple[str, int], dict[str, Any]],
+    text: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """Markdown rows: one per contender, one column per batch size."""
+    lines = [
+        "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for label in labels:
+        cells = [text(cell[label, b]) if (label, b) in cell else "" for b in batches]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -361,15 +378,8 @@ def markdown(results: dict[str, Any]) -> str:
         "diverged; `k/n seeds div` = seeds that diverged at the chosen lr (left out of the "
         "mean).",
         "",
-        "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
+        *_grid_table(labels, batches, cell, _accuracy_cell),
     ]
-    for label in labels:
-        cells = []
-        for b in batches:
-            r = cell.get((label, b))
-            cells.append("" if r is None else _accuracy_cell(r))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     keys = list(rows[0].get("steps_to", {f"{target:g}": None})) if rows else []
     for key in keys:
         lines += [
@@ -378,15 +388,8 @@ def markdown(results: dict[str, Any]) -> str:
             "reached within the budget, `div` = diverged); the test set is evaluated every N "
             "steps (in brackets), so a count is the first evaluation at or above the target:",
             "",
-            "| optimizer | " + " | ".join(f"b={b}" for b in batches) + " |",
-            "|---|" + "---|" * len(batches),
+            *_grid_table(labels, batches, cell, partial(_steps_cell, key=key)),
         ]
-        for label in labels:
-            cells = []
-            for b in batches:
-                r = cell.get((label, b))
-                cells.append("" if r is None else _steps_cell(r, key if "steps_to" in r else None))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Learning-rate grid centres (at batch 8192; x sqrt(B/8192) per batch):", ""]
     lines += ["| optimizer | centre | where the centre comes from |", "|---|---|---|"]
     for label in labels:

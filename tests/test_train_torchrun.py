@@ -197,18 +197,15 @@ def test_a_restart_resumes_only_what_its_own_job_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An older job's checkpoint or finished run in the same folder is not resumed."""
-    from bigbatch.train.checkpoint import save_checkpoint
-    from bigbatch.train.cli import _own_checkpoint_step
-    from bigbatch.train.experiments import _finished, _resumable
+    from bigbatch.train.checkpoint import resumable_step, save_checkpoint
+    from bigbatch.train.experiments import _finished
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"step": 30, "launch_id": "old-job"}, path)
-    assert _own_checkpoint_step(path, "new-job") is None
-    assert _own_checkpoint_step(path, "old-job") == 30
-    assert _own_checkpoint_step(tmp_path / "missing.pt", "new-job") is None
-    assert not _resumable(path, "new-job")
-    assert _resumable(path, "old-job")
-    assert _resumable(path, None)  # --resume by hand: any checkpoint
+    assert resumable_step(path, "new-job") is None
+    assert resumable_step(path, "old-job") == 30
+    assert resumable_step(tmp_path / "missing.pt", "new-job") is None
+    assert resumable_step(path, None) == 30  # --resume by hand: any checkpoint
 
     summary = {"optimizer": "momentum", "lr": 0.1, "batch_size": 64, "steps": 30}
     summary |= {"status": "finished", "wall_s": 1.0, "launch_id": "old-job"}

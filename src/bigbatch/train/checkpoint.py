@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "resumable_step", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -50,3 +50,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{source} is not a bigbatch checkpoint")
     return state
+
+
+def resumable_step(path: str | Path, launch: str | None = None) -> int | None:
+    """The step of the checkpoint at ``path`` to continue from, or None if there is none
+    (or, ``launch`` given, if torchrun job ``launch`` did not write it: after a restart a
+    job resumes only its own files, never an earlier job's left in the same folder)."""
+    if not Path(path).is_file():
+        return None
+    state = load_checkpoint(path)
+    if launch is not None and state.get("launch_id") != launch:
+        return None
+    return int(state["step"])

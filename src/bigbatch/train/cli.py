@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from bigbatch.train.checkpoint import CheckpointError, load_checkpoint
+from bigbatch.train.checkpoint import CheckpointError, resumable_step
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
 from bigbatch.train.dist_env import (
@@ -182,24 +182,19 @@ def _load(cfg: Config) -> ImageDataset:
 def _check_world(command: str, cfg: Config, world_size: int) -> None:
     if command == "train":
         batches, optimizers = [cfg.train.batch_size], [cfg.optimizer.name]
+        options, key = {cfg.optimizer.name: cfg.optimizer.options}, "optimizer.options"
     else:
         batches = [cfg.train.batch_size] if command == "compare" else list(cfg.sweep.batch_sizes)
         optimizers = list(cfg.compare.optimizers)
+        options, key = dict(cfg.compare.options), "compare.options.{name}"
     check_distributed(
         world_size,
         batch_sizes=batches,
         micro_batch_size=cfg.train.micro_batch_size,
         optimizers=optimizers,
+        options=options,
+        options_key=key,
     )
-    options = cfg.optimizer.options if command == "train" else cfg.compare.options.get("nlcg", {})
-    kfac = str(options.get("preconditioner", "")).lower() == "kfac"
-    if world_size > 1 and "nlcg" in optimizers and kfac:
-        key = "optimizer.options" if command == "train" else "compare.options.nlcg"
-        raise ConfigError(
-            f"{key}.preconditioner='kfac': NLCG's K-FAC preconditioner has no distributed "
-            "mode yet (each rank would precondition with its own statistics); run it in one "
-            "process, or use spngd"
-        )
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -289,8 +284,10 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             f"data: {dataset.name} from {dataset.source} "
             f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
         )
-        restart = None if args.resume else _after_restart(ctx, args.command, args.out)
-        return _run(args.command, cfg, dataset, args.out, args.resume, command, restart)
+        launch, resume = (
+            (None, True) if args.resume else _after_restart(ctx, args.command, args.out)
+        )
+        return _run(args.command, cfg, dataset, args.out, resume, command, launch)
     except (ConfigError, DatasetError, CheckpointError) as exc:
         _error(str(exc))
         return 2
@@ -306,8 +303,9 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
         return 130
 
 
-def _after_restart(ctx: DistContext, command: str, out: Path) -> str | None:
-    """torchrun's job id when it restarted this job after a failure, else None.
+def _after_restart(ctx: DistContext, command: str, out: Path) -> tuple[str | None, bool]:
+    """(torchrun's job id, resume) when torchrun restarted this job after a failure, else
+    (None, False).
 
     Then ``train`` resumes from its checkpoint if this job wrote it (not an earlier job in
     the same folder), and ``compare``/``sweep`` reuse only the runs this job finished.
@@ -315,22 +313,16 @@ def _after_restart(ctx: DistContext, command: str, out: Path) -> str | None:
     """
     job = launch_id()
     if not restarted_by_launcher() or job is None:
-        return None
+        return None, False
+    resume = True
+    where = f"the runs finished in {out}"
     if command == "train":
         path = out / "checkpoint.pt"
-        step = from_main(ctx, partial(_own_checkpoint_step, path, job))
-        where = f"step {step} of {path}" if step is not None else "the start (no checkpoint yet)"
-    else:
-        where = f"the runs finished in {out}"
+        step = from_main(ctx, partial(resumable_step, path, job))
+        resume = step is not None
+        where = f"step {step} of {path}" if resume else "the start (no checkpoint yet)"
     _say(f"restart {os.environ.get(RESTART_ENV)} by torchrun: resuming from {where}")
-    return job
-
-
-def _own_checkpoint_step(path: Path, job: str) -> int | None:
-    if not path.is_file():
-        return None
-    state = load_checkpoint(path)
-    return int(state["step"]) if state.get("launch_id") == job else None
+    return job, resume
 
 
 def _run(
@@ -340,10 +332,10 @@ def _run(
     out: Path,
     resume: bool,
     line: str,
-    restart: str | None = None,
+    launch: str | None = None,
 ) -> int:
-    """Run ``command``; ``restart`` (torchrun's job id after a restart) resumes what this
-    job itself wrote."""
+    """Run ``command``; with ``launch`` (torchrun's job id after a restart) ``resume``
+    reuses only what that job itself wrote."""
     from bigbatch.train.experiments import run_compare, run_sweep
     from bigbatch.train.loop import TrainingRun
     from bigbatch.train.report import write_compare, write_sweep
@@ -352,11 +344,7 @@ def _run(
     if main:
         out.mkdir(parents=True, exist_ok=True)
     if command == "train":
-        run = TrainingRun(cfg, dataset, out)
-        if restart is not None:
-            own = partial(_own_checkpoint_step, run.checkpoint_path, restart)
-            resume = from_main(context(), own) is not None
-        result = run.run(resume=resume)
+        result = TrainingRun(cfg, dataset, out).run(resume=resume)
         _say(
             f"{result.status}: {result.steps} steps, final test accuracy "
             f"{result.last('test_acc'):.4f}, best {result.best('test_acc'):.4f}; "
@@ -364,16 +352,12 @@ def _run(
         )
         return 0 if result.status == "finished" else 1
     if command == "compare":
-        choices = run_compare(
-            cfg, dataset, out, resume=resume or restart is not None, say=_say, launch=restart
-        )
+        choices = run_compare(cfg, dataset, out, resume=resume, say=_say, launch=launch)
         if not main:
             return 0
         md, png, table = write_compare(choices, cfg, out, command=line, dataset=dataset)
     else:
-        choices = run_sweep(
-            cfg, dataset, out, resume=resume or restart is not None, say=_say, launch=restart
-        )
+        choices = run_sweep(cfg, dataset, out, resume=resume, say=_say, launch=launch)
         if not main:
             return 0
         md, png, table = write_sweep(choices, cfg, out, command=line, dataset=dataset)

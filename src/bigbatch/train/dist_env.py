@@ -20,7 +20,7 @@ Not here: what is reduced when (the training loop, ``loop.py``; evaluation, ``ev
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -212,17 +212,28 @@ def check_distributed(
     batch_sizes: Iterable[int],
     micro_batch_size: int,
     optimizers: Iterable[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    options_key: str = "optimizer.options",
 ) -> None:
     """The configuration errors of a data-parallel run with ``world_size`` processes.
 
     Every rank takes ``batch_size / world_size`` samples of each global batch and splits
     them into micro-batches, so ``train.batch_size`` must be divisible by
     ``world_size * train.micro_batch_size`` (by ``world_size`` with micro-batch 0 or -1).
+    ``options`` (constructor options per optimizer name; ``options_key`` names them in
+    messages, ``{name}`` filled in) are checked for what has no distributed mode.
     """
     if world_size <= 1:
         return
     for name in optimizers:
         optimizer_spec(name, "optimizer.name")  # an unknown name fails here already
+        precond = str((options or {}).get(name, {}).get("preconditioner", "")).lower()
+        if name == "nlcg" and precond == "kfac":
+            raise ConfigError(
+                f"{options_key.format(name=name)}.preconditioner='kfac': NLCG's K-FAC "
+                "preconditioner has no distributed mode yet (each rank would precondition "
+                "with its own statistics); run it in one process, or use spngd"
+            )
     for batch in batch_sizes:
         per_rank = world_size * max(micro_batch_size, 1)
         if batch % per_rank != 0:

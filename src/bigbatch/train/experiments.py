@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bigbatch.train.batches import Split, prepare_splits
-from bigbatch.train.checkpoint import load_checkpoint
+from bigbatch.train.checkpoint import resumable_step
 from bigbatch.train.config import Config, OptimizerConfig
 from bigbatch.train.data import ImageDataset
 from bigbatch.train.dist_env import (
@@ -92,13 +92,6 @@ def _finished(run_dir: Path, launch: str | None) -> RunResult | None:
     )
 
 
-def _resumable(checkpoint: Path, launch: str | None) -> bool:
-    """A checkpoint to continue: any, or (``launch`` given) only one that job wrote."""
-    if not checkpoint.is_file():
-        return False
-    return launch is None or load_checkpoint(checkpoint).get("launch_id") == launch
-
-
 def _score(run: RunResult, select_by: str) -> float:
     if run.status != "finished":
         return -math.inf
@@ -140,7 +133,8 @@ def run_grid(
                 name=f"{optimizer} lr={lr:g} b={batch_size}",
                 splits=splits,
             )
-            started = resume and from_main(ctx, partial(_resumable, run.checkpoint_path, launch))
+            own = partial(resumable_step, run.checkpoint_path, launch)
+            started = resume and from_main(ctx, own) is not None
             done = run.run(resume=started)
         runs.append(done)
         say(
@@ -159,11 +153,48 @@ def _check_world(cfg: Config, batch_sizes: list[int]) -> None:
         batch_sizes=batch_sizes,
         micro_batch_size=cfg.train.micro_batch_size,
         optimizers=cfg.compare.optimizers,
+        options=cfg.compare.options,
+        options_key="compare.options.{name}",
     )
 
 
 def _device(cfg: Config) -> torch.device:
     return local_device(resolve_device(cfg.train.device), context())
+
+
+def _check_names(cfg: Config) -> None:
+    for name in cfg.compare.optimizers:
+        optimizer_spec(name, "compare.optimizers")  # fail before any training
+
+
+def _run_plan(
+    cfg: Config,
+    dataset: ImageDataset,
+    out_dir: Path,
+    plan: list[tuple[str, int, tuple[float, ...]]],
+    *,
+    resume: bool,
+    say: Say,
+    launch: str | None,
+) -> list[Choice]:
+    """One grid per (optimizer, batch size, lrs) of ``plan``, on splits prepared once."""
+    _check_world(cfg, sorted({batch for _, batch, _ in plan}))
+    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
+    return [
+        run_grid(
+            cfg,
+            dataset,
+            out_dir,
+            name,
+            batch,
+            lrs,
+            resume=resume,
+            splits=splits,
+            say=say,
+            launch=launch,
+        )
+        for name, batch, lrs in plan
+    ]
 
 
 def run_compare(
@@ -175,27 +206,14 @@ def run_compare(
     say: Say,
     launch: str | None = None,
 ) -> list[Choice]:
-    """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid."""
-    for name in cfg.compare.optimizers:
-        optimizer_spec(name, "compare.optimizers")  # fail before any training
-    _check_world(cfg, [cfg.train.batch_size])
-    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
+    """Every optimizer of ``compare.optimizers`` at ``train.batch_size``, each over its grid.
+
+    ``launch``: see :func:`run_grid`."""
+    _check_names(cfg)
+    batch = cfg.train.batch_size
+    plan = [(name, batch, lr_grid(cfg, name)) for name in cfg.compare.optimizers]
     started = time.perf_counter()
-    choices = [
-        run_grid(
-            cfg,
-            dataset,
-            out_dir,
-            name,
-            cfg.train.batch_size,
-            lr_grid(cfg, name),
-            resume=resume,
-            splits=splits,
-            say=say,
-            launch=launch,
-        )
-        for name in cfg.compare.optimizers
-    ]
+    choices = _run_plan(cfg, dataset, out_dir, plan, resume=resume, say=say, launch=launch)
     runs = sum(len(c.runs) for c in choices)
     say(f"compare: {runs} runs in {time.perf_counter() - started:.0f} s")
     return choices
@@ -211,23 +229,10 @@ def run_sweep(
     launch: str | None = None,
 ) -> list[Choice]:
     """Optimizers x batch sizes, each with its lr grid scaled by ``sweep.lr_scaling``."""
-    for name in cfg.compare.optimizers:
-        optimizer_spec(name, "compare.optimizers")
-    _check_world(cfg, list(cfg.sweep.batch_sizes))
-    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
-    return [
-        run_grid(
-            cfg,
-            dataset,
-            out_dir,
-            name,
-            batch,
-            scaled_grid(cfg, name, batch),
-            resume=resume,
-            splits=splits,
-            say=say,
-            launch=launch,
-        )
+    _check_names(cfg)
+    plan = [
+        (name, batch, scaled_grid(cfg, name, batch))
         for batch in cfg.sweep.batch_sizes
         for name in cfg.compare.optimizers
     ]
+    return _run_plan(cfg, dataset, out_dir, plan, resume=resume, say=say, launch=launch)

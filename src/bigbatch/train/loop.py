@@ -175,6 +175,7 @@ class TrainingRun:
             batch_sizes=[t.batch_size],
             micro_batch_size=t.micro_batch_size,
             optimizers=[cfg.optimizer.name],
+            options={cfg.optimizer.name: cfg.optimizer.options},
         )
         self.device = local_device(resolve_device(t.device), self.dist)
         if t.threads is not None:
@@ -202,13 +203,6 @@ class TrainingRun:
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
         self.curvature_dist = self.dist.enabled and self.spec.uses_curvature
-        precond = str(cfg.optimizer.options.get("preconditioner", "")).lower()
-        if self.dist.enabled and cfg.optimizer.name == "nlcg" and precond == "kfac":
-            raise ConfigError(
-                "optimizer.options.preconditioner='kfac': NLCG's K-FAC preconditioner has no "
-                "distributed mode yet (each rank would precondition with its own statistics); "
-                "run it in one process, or use spngd"
-            )
         self.optimizer = build_optimizer(self.model, self._optimizer_config())
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
         s = cfg.schedule

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
 from bigbatch.curvature.layers import (
     XHAT_FROM_OUTPUT_MAX_RATIO,
@@ -120,7 +121,7 @@ def test_captured_unitwise_fisher_matches_oracle_with_inplace_activation(
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    torch.testing.assert_close(opt.engine.stats["1.F"], want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(opt.engine.stats[("1", Factor.F)], want, rtol=1e-9, atol=1e-12)
 
 
 def test_unitwise_blocks_preconditioned_together_equal_one_by_one() -> None:
@@ -147,7 +148,7 @@ def test_unitwise_blocks_preconditioned_together_equal_one_by_one() -> None:
     opt.step()
     for name in ("1", "4", "5"):
         norm = model[int(name)]
-        f = opt.engine.stats[f"{name}.F"]
+        f = opt.engine.stats[(f"{name}", Factor.F)]
         gw, gb = grads[norm.weight].reshape(-1), grads[norm.bias].reshape(-1)
         v = torch.stack([gw, gb], dim=-1)
         want = torch.linalg.solve(f + lam * torch.eye(2, dtype=DT), v)

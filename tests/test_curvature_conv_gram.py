@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
 from bigbatch.curvature.layers import (
     UnsupportedLayerError,
@@ -126,6 +127,6 @@ def test_hooked_conv_factor_matches_reference() -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    torch.testing.assert_close(opt.engine.stats["0.A"], _reference(x, 3, 3, True) / 5)
+    torch.testing.assert_close(opt.engine.stats[("0", Factor.A)], _reference(x, 3, 3, True) / 5)
     h = model[1](model[0](x)).detach()
-    torch.testing.assert_close(opt.engine.stats["2.A"], _reference(h, 5, 5, False) / 5)
+    torch.testing.assert_close(opt.engine.stats[("2", Factor.A)], _reference(h, 5, 5, False) / 5)

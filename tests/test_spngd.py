@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bigbatch.curvature.keys import BlockKind, Factor
 from bigbatch import NLCG, SPNGD, KFACPreconditioner, StalenessConfig
 from bigbatch.curvature.linalg import InversionConfig, kron_damping
 
@@ -242,11 +243,12 @@ def test_inplace_activation_weight_sharing_and_autocast_are_captured() -> None:
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
         opt.step()
-    assert set(opt.last_report.refreshed) == {"shared.A", "shared.G", "head.A", "head.G"}
-    a = opt.engine.stats["shared.A"]
+    assert set(opt.last_report.refreshed) == {("shared", Factor.A), ("shared", Factor.G), ("head", Factor.A), ("head", Factor.G)}
+    a = opt.engine.stats[("shared", Factor.A)]
     assert a.dtype == torch.float32
-    # two calls per sample: A = (1/N) sum over both calls of a a^T; its bias corner is 2
-    assert float(a[-1, -1]) == pytest.approx(2.0)
+    # two calls per sample (K-FAC-expand): A is the mean of a a^T over both calls' 32 rows,
+    # so its bias corner is 1 (it was 2 with the old per-sample normalisation)
+    assert float(a[-1, -1]) == pytest.approx(1.0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -261,8 +263,8 @@ def test_hooks_that_never_fire_are_reported_by_name() -> None:
     F.cross_entropy(out, y).backward()
     with pytest.warns(UserWarning, match="'layer'.*hooks did not fire"):
         opt.step()
-    assert "layer.A" in opt.last_report.missing
-    assert "head.A" in opt.last_report.refreshed
+    assert ("layer", Factor.A) in opt.last_report.missing
+    assert ("head", Factor.A) in opt.last_report.refreshed
 
 
 def test_rank_deficient_factors_and_tiny_batches_stay_finite() -> None:
@@ -316,7 +318,7 @@ def test_monte_carlo_fisher_matches_exact_fisher_in_expectation() -> None:
         opt.mc_backward(out)
         F.cross_entropy(out, torch.zeros(64, dtype=torch.long)).backward()
         opt.step()
-        estimates.append(opt.engine.stats["Linear.G"])
+        estimates.append(opt.engine.stats[("Linear", Factor.G)])
     mean = torch.stack(estimates).mean(0)
     rel = float(torch.linalg.norm(mean - exact) / torch.linalg.norm(exact))
     assert rel < 0.05, rel
@@ -416,10 +418,11 @@ def _curvlinops_factors(
 
 
 def test_hooked_factors_match_curvlinops_for_empirical_and_mc_fisher() -> None:
-    """The whole capture pipeline against curvlinops. With the mean loss, curvlinops stores
-    A/P and P*G for a layer with P positions per sample (P = 16 for the conv, 1 for the
-    Linear); its type-2 (exact) Fisher is the expectation the MC estimate must match."""
-    positions = {"0": 16, "3": 1}
+    """The whole capture pipeline against curvlinops: with the mean loss both store the same
+    A (mean over the N P patches) and G (M sum gy gy^T, M = N loss terms) for the conv
+    (P = 16) and the Linear; curvlinops' type-2 (exact) Fisher is the expectation the MC
+    estimate must match."""
+    positions = {"0": 1, "3": 1}
     model, x, y = _conv_net()
     opt = SPNGD(model, lr=0.0, momentum=0.0, staleness=False)
     opt.zero_grad()
@@ -427,8 +430,8 @@ def test_hooked_factors_match_curvlinops_for_empirical_and_mc_fisher() -> None:
     opt.step()
     for name, (a_cl, g_cl) in _curvlinops_factors(model, x, y, "empirical").items():
         p = positions[name]
-        torch.testing.assert_close(opt.engine.stats[f"{name}.A"], a_cl * p)
-        torch.testing.assert_close(opt.engine.stats[f"{name}.G"], g_cl / p)
+        torch.testing.assert_close(opt.engine.stats[(f"{name}", Factor.A)], a_cl * p)
+        torch.testing.assert_close(opt.engine.stats[(f"{name}", Factor.G)], g_cl / p)
 
     mc = SPNGD(model, lr=0.0, momentum=0.0, fisher="mc", staleness=False)
     sums: dict[str, Tensor] = {}
@@ -440,19 +443,17 @@ def test_hooked_factors_match_curvlinops_for_empirical_and_mc_fisher() -> None:
         F.cross_entropy(out, y).backward()
         mc.step()
         for name in positions:
-            g = mc.engine.stats[f"{name}.G"]
+            g = mc.engine.stats[(f"{name}", Factor.G)]
             sums[name] = sums.get(name, 0 * g) + g / rounds
     for name, (a_cl, g_cl) in _curvlinops_factors(model, x, y, "type-2").items():
         p = positions[name]
-        torch.testing.assert_close(mc.engine.stats[f"{name}.A"], a_cl * p)
+        torch.testing.assert_close(mc.engine.stats[(f"{name}", Factor.A)], a_cl * p)
         exact = g_cl / p
         rel = float(torch.linalg.norm(sums[name] - exact) / torch.linalg.norm(exact))
         assert rel < 0.06, (name, rel)
 
 
 def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
-    from bigbatch.curvature.layers import kronecker_precondition
-
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 6),
@@ -474,20 +475,17 @@ def test_same_shaped_blocks_are_preconditioned_together_and_correctly() -> None:
     for name in ("0", "2", "4", "6"):
         layer = model[int(name)]
         mat = torch.cat([grads[layer.weight], grads[layer.bias][:, None]], dim=1)
-        want = kronecker_precondition(
-            mat, opt.engine.inverses[f"{name}.A"], opt.engine.inverses[f"{name}.G"]
-        )
+        inv = opt.engine.inverses[name]
+        want = inv["G"] @ mat @ inv["A"]
         torch.testing.assert_close(got[layer.weight], want[:, :-1])
         torch.testing.assert_close(got[layer.bias], want[:, -1])
-    batches = sorted(names for names, _, _ in opt.engine._stack_cache.values())
+    batches = sorted(names for names, _ in opt.engine._stack_cache.values())
     assert batches == [("0", "2", "4"), ("6",)]  # the three 6x6 layers share one batch
 
 
 def test_stacked_inverses_follow_partial_reinversion() -> None:
     """Only some blocks of a same-shape batch are re-inverted (a damping change in their
     param group); the cached stacks must serve their new inverses and keep the others."""
-    from bigbatch.curvature.layers import kronecker_precondition
-
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 2)
@@ -511,9 +509,8 @@ def test_stacked_inverses_follow_partial_reinversion() -> None:
         for name in ("0", "2", "4", "5"):
             layer = model[int(name)]
             mat = torch.cat([grads[layer.weight], grads[layer.bias][:, None]], dim=1)
-            want = kronecker_precondition(
-                mat, opt.engine.inverses[f"{name}.A"], opt.engine.inverses[f"{name}.G"]
-            )
+            inv = opt.engine.inverses[name]
+            want = inv["G"] @ mat @ inv["A"]
             torch.testing.assert_close(got[layer.weight], want[:, :-1], rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(got[layer.bias], want[:, -1], rtol=1e-12, atol=1e-14)
 
@@ -533,7 +530,11 @@ def test_embedding_and_layernorm_blocks_train_a_sequence_model() -> None:
 
     model = Tagger().double()
     opt = SPNGD(model, lr=0.2, damping=1e-2)
-    assert {b.kind for b in opt.engine.blocks.values()} == {"embedding", "unitwise", "kron"}
+    assert {b.kind for b in opt.engine.blocks.values()} == {
+        BlockKind.EMBEDDING,
+        BlockKind.NORM,
+        BlockKind.LINEAR,
+    }
     idx = torch.randint(0, 12, (32, 5))
     tags = (idx % 3).reshape(-1)
     losses = []
@@ -545,9 +546,9 @@ def test_embedding_and_layernorm_blocks_train_a_sequence_model() -> None:
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
     # the embedding block: diag(A + da)^-1 grad (G + dg)^-1 with A the index frequencies
-    a, g = opt.engine.stats["emb.A"], opt.engine.stats["emb.G"]
-    counts = torch.bincount(idx.reshape(-1), minlength=12).double() / 32
-    counts[0] = 0.0  # padding_idx gets no count
+    a, g = opt.engine.stats[("emb", Factor.A)], opt.engine.stats[("emb", Factor.G)]
+    counts = torch.bincount(idx.reshape(-1), minlength=12).double() / idx.numel()
+    counts[0] = 0.0  # padding_idx gets no count (A: index frequencies over all positions)
     torch.testing.assert_close(a, counts)
     lam = 1e-2
     pi = float(torch.sqrt(a.mean() / torch.diagonal(g).mean()))

@@ -1,63 +1,74 @@
 """The curvature engine: statistics -> refresh schedule -> damped inverses -> preconditioning.
 
 One object per model, shared by :class:`bigbatch.SPNGD` and NLCG's K-FAC preconditioner.
-Per step the owner calls :meth:`KFACEngine.refresh` (collect what the hooks recorded, adapt
-the refresh intervals, re-invert the blocks whose statistics or damping changed) and then
-:meth:`KFACEngine.precondition` on whatever gradients it wants preconditioned, and finally
+Per step its owner calls :meth:`KFACEngine.run_step` (or :meth:`KFACEngine.refresh` and
+later :meth:`KFACEngine.precondition`), which its :class:`~.strategy.CurvatureStrategy`
+carries out (one process by default, or data-parallel ranks), and finally
 :meth:`KFACEngine.advance` to arm the hooks for the next step.
 
-Everything the engine keeps (statistics, inverses, intervals, counters) is a tensor or a
-number keyed by statistic name, so it checkpoints exactly and is partitioned across ranks
-with ``distributed=DistributedConfig(...)``: then :meth:`KFACEngine.distributed_step`
-replaces ``refresh`` + ``precondition`` (see :mod:`bigbatch.distributed.kfac_sync`). It
-knows nothing about learning rates or momentum.
+Everything it keeps is keyed by block name and factor (statistics), or block name and
+inverse slot (inverses), so it checkpoints exactly (nested plain dicts, readable with
+``torch.load(weights_only=True)``) and can be partitioned across ranks by a strategy
+without touching the math. It knows nothing about learning rates or momentum.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bigbatch.curvature import layers as L
-from bigbatch.curvature.capture import Block, CurvatureCapture
-from bigbatch.curvature.linalg import DampedInverter, InversionConfig, kron_damping
+from bigbatch.curvature.blocks.base import FisherBlock
+from bigbatch.curvature.blocks.embedding import EmbeddingBlock
+from bigbatch.curvature.capture import CurvatureCapture
+from bigbatch.curvature.keys import KFACApprox, StatKey, nest, unnest
+from bigbatch.curvature.linalg import DampedInverter, InversionConfig, InversionError
 from bigbatch.curvature.staleness import RefreshSchedule, StalenessConfig
-from bigbatch.distributed.config import DistributedConfig
+from bigbatch.curvature.strategy import (
+    CurvatureStrategy,
+    KLTerms,
+    LocalCurvature,
+    RefreshReport,
+    StepOutcome,
+)
 
-if TYPE_CHECKING:
-    from bigbatch.distributed.kfac_sync import CurvatureSync, KLTerms, SyncOutcome
+__all__ = ["STATE_FORMAT", "KFACEngine", "RefreshReport"]
 
-__all__ = ["KFACEngine", "RefreshReport"]
+#: version of :meth:`KFACEngine.state_dict`'s layout (bigbatch 0.2: keyed by block)
+STATE_FORMAT = 2
+
+DampingOf = Callable[[FisherBlock], float]
 
 
-@dataclass
-class RefreshReport:
-    """What one :meth:`KFACEngine.refresh` did."""
+def _nest_slots(flat: Mapping[Hashable, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        assert isinstance(key, tuple)
+        out.setdefault(str(key[0]), {})[str(key[1])] = value
+    return out
 
-    refreshed: list[str] = field(default_factory=list)  # statistics recomputed
-    inverted: list[str] = field(default_factory=list)  # blocks re-inverted
-    missing: list[str] = field(default_factory=list)  # armed statistics with no data
+
+def _unnest_slots(nested: Mapping[str, Mapping[str, Any]]) -> dict[Hashable, Any]:
+    return {(block, slot): v for block, slots in nested.items() for slot, v in slots.items()}
 
 
 class KFACEngine:
     """Fisher blocks of ``model`` with stale statistics and damped inverses.
 
     Args:
-        model: the network whose supported layers become blocks.
+        model: the network whose supported layers become blocks (see
+            :mod:`bigbatch.curvature.blocks.registry`).
         fisher: ``"empirical"`` or ``"mc"`` (see :class:`CurvatureCapture`).
         staleness: refresh-interval rule; ``StalenessConfig(enabled=False)`` refreshes
             every statistic every step.
         inversion: decomposition method and failure policy.
-        distributed: ``None`` (default): one process. A :class:`DistributedConfig` (with an
-            initialised ``torch.distributed`` group) makes :meth:`distributed_step` reduce
-            gradients and due statistics over the ranks; in ``"hybrid"`` mode each block's
-            statistics and inverses live on its owner rank only, and :meth:`state_dict`
-            becomes a collective (call it on every rank).
+        strategy: how a step is carried out: ``None`` is :class:`~.strategy.LocalCurvature`
+            (one process); a data-parallel strategy from :mod:`bigbatch.distributed`
+            combines the ranks' statistics (its ``state_dict`` may then be a collective).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for layers with weight sharing.
     """
 
     def __init__(
@@ -66,303 +77,280 @@ class KFACEngine:
         fisher: str = "empirical",
         staleness: StalenessConfig | None = None,
         inversion: InversionConfig | None = None,
-        distributed: DistributedConfig | None = None,
+        strategy: CurvatureStrategy | None = None,
+        kfac_approx: KFACApprox = "expand",
     ) -> None:
-        self.capture = CurvatureCapture(model, fisher)
+        if strategy is not None and not isinstance(strategy, CurvatureStrategy):
+            raise ValueError(f"strategy must be a CurvatureStrategy, got {strategy!r}")
+        self.capture = CurvatureCapture(model, fisher, kfac_approx)
         self.schedule = RefreshSchedule(staleness or StalenessConfig())
-        self.schedule.register(self.capture.stat_names())
-        self.inverter = DampedInverter(inversion or InversionConfig())
-        self.stats: dict[str, Tensor] = {}
-        self.inverses: dict[str, Tensor] = {}
+        self.schedule.register(self.capture.stat_keys())
+        self.inverter: DampedInverter = DampedInverter(inversion or InversionConfig())
+        self.stats: dict[StatKey, Tensor] = {}
+        self.inverses: dict[str, dict[str, Tensor]] = {}
         self.damping_used: dict[str, float] = {}
         self.step = 0
         self._warned_missing: set[str] = set()
-        self._stack_cache: dict[tuple[Any, ...], tuple[tuple[str, ...], Tensor, Tensor]] = {}
-        self.capture.arm(self.schedule.due_names(0))
-        self.sync: CurvatureSync | None = None
-        if distributed is not None:
-            if not isinstance(distributed, DistributedConfig):
-                raise ValueError(
-                    f"distributed must be None or a DistributedConfig, got {distributed!r}"
-                )
-            from bigbatch.distributed.kfac_sync import CurvatureSync
-
-            self.sync = CurvatureSync(self, distributed)
+        self._stack_cache: dict[Hashable, tuple[tuple[str, ...], dict[str, Tensor]]] = {}
+        self.strategy: CurvatureStrategy = strategy if strategy is not None else LocalCurvature()
+        self.strategy.bind(self)
+        self.capture.arm(self._due(0))
 
     @property
-    def blocks(self) -> dict[str, Block]:
+    def blocks(self) -> dict[str, FisherBlock]:
         return self.capture.blocks
 
     def statistics_due(self) -> bool:
         """Whether the current step records any statistic (so an MC backward is useful)."""
         return bool(self.capture.armed)
 
+    def _due(self, step: int) -> set[StatKey]:
+        return {k for k in self.capture.stat_keys() if self.schedule.due(k, step)}
+
+    def block_stats(self, block: FisherBlock) -> dict[Any, Tensor]:
+        """The current statistics of ``block`` by factor (those it has)."""
+        return {f: self.stats[(block.name, f)] for f in block.factors() if (block.name, f) in self.stats}
+
     # ----------------------------------------------------------------- per step
-    def refresh(self, damping_of: Callable[[Block], float]) -> RefreshReport:
-        """Take in this step's statistics and re-invert what changed."""
-        if self.sync is not None:
-            raise RuntimeError("a distributed KFACEngine steps with distributed_step()")
-        captured = self.capture.collect()
-        report = self.absorb(captured.values, captured.missing, damping_of)
-        self.schedule.record_step(len(report.refreshed))
-        return report
+    def run_step(
+        self,
+        grads: Mapping[Tensor, Tensor],
+        damping_of: DampingOf,
+        kl_terms: KLTerms | None = None,
+    ) -> StepOutcome:
+        """Refresh, invert and precondition ``grads`` through the strategy."""
+        return self.strategy.step(grads, damping_of, kl_terms)
+
+    def refresh(self, damping_of: DampingOf) -> RefreshReport:
+        """Take in this step's statistics and re-invert what changed (no preconditioning)."""
+        return self.strategy.refresh(damping_of)
 
     def absorb(
         self,
-        values: Mapping[str, Tensor],
-        missing: list[str],
-        damping_of: Callable[[Block], float],
+        values: Mapping[StatKey, Tensor],
+        missing: list[StatKey],
+        damping_of: DampingOf,
         owned: Callable[[str], bool] | None = None,
     ) -> RefreshReport:
         """Take in normalised statistics (this step's, of the whole batch) and re-invert.
 
         ``missing`` statistics are retried next step; only blocks for which ``owned(name)``
         holds (default: all) are re-inverted. Does not count the step in the refresh
-        fraction (the caller does, with the number refreshed over all ranks).
+        fraction (the strategy does, with the number refreshed over all ranks).
         """
         report = RefreshReport(missing=list(missing))
-        for stat, value in values.items():
+        for key, value in values.items():
             if not bool(torch.isfinite(value).all()):
-                report.missing.append(stat)
+                report.missing.append(key)
                 continue
-            value, _ = self.schedule.absorb(stat, self.step, value, self.stats.get(stat))
-            self.stats[stat] = value
-            report.refreshed.append(stat)
-        for stat in report.missing:  # retry next step
-            self.schedule.next_due[stat] = self.step + 1
+            value, _ = self.schedule.absorb(key, self.step, value, self.stats.get(key))
+            self.stats[key] = value
+            report.refreshed.append(key)
+        for key in report.missing:
+            self.schedule.retry(key, self.step)
         self._warn_missing(report.missing)
-        fresh = {s.rsplit(".", 1)[0] for s in report.refreshed}
+        fresh = {name for name, _ in report.refreshed}
         to_invert = [
             block
             for block in self.blocks.values()
             if (owned is None or owned(block.name))
-            and all(s in self.stats for s in block.stat_names)
+            and all((block.name, f) in self.stats for f in block.factors())
             and (block.name in fresh or self.damping_used.get(block.name) != damping_of(block))
         ]
         self._invert(to_invert, damping_of)
         report.inverted = [b.name for b in to_invert]
         return report
 
-    def local_counts(self) -> dict[str, tuple[int, int]]:
-        """``(samples, sample-positions)`` each block recorded on this rank since arming.
-
-        The weights that turn this rank's normalised statistics back into sums, so that a
-        sum over ranks divided by the summed weights is the statistic of the global batch.
-        """
-        sums = self.capture._sums
-        return {name: (s.n_samples, s.rows) for name, s in sums.items()}
-
-    def distributed_step(
-        self,
-        grads: Mapping[Tensor, Tensor],
-        damping_of: Callable[[Block], float],
-        kl_terms: KLTerms | None = None,
-    ) -> SyncOutcome:
-        """Reduce, refresh, invert and precondition over the ranks (``distributed`` only).
-
-        Every rank passes its local gradients (of the MEAN loss over its own shard); the
-        result holds the preconditioned averaged gradient of every parameter in ``grads``
-        (identity where no block is ready), identical on every rank.
-        """
-        if self.sync is None:
-            raise RuntimeError("distributed_step needs KFACEngine(..., distributed=...)")
-        return self.sync.step(grads, damping_of, kl_terms)
-
     def advance(self) -> None:
-        """Close the step: arm the hooks for the statistics due at the next one."""
+        """Close the step: arm the hooks for the statistics due at the next one (and
+        register statistics that appeared, such as a tied head seen for the first time)."""
         self.step += 1
-        self.capture.arm(self.schedule.due_names(self.step))
+        self.schedule.register(self.capture.stat_keys())
+        self.capture.arm(self._due(self.step))
 
-    def _invert(self, blocks: list[Block], damping_of: Callable[[Block], float]) -> None:
-        named: dict[str, Tensor] = {}
-        damping: dict[str, float | Tensor] = {}
+    def _invert(self, blocks: list[FisherBlock], damping_of: DampingOf) -> None:
+        named: dict[Hashable, Tensor] = {}
+        damping: dict[Hashable, float | Tensor] = {}
+        inputs: dict[str, dict[str, tuple[Tensor, float | Tensor]]] = {}
+        for block in blocks:
+            inputs[block.name] = block.inversion_inputs(self.block_stats(block), damping_of(block))
+            for slot, (mat, d) in inputs[block.name].items():
+                named[(block.name, slot)] = mat
+                damping[(block.name, slot)] = d
+        results = self.inverter.invert(named, damping) if named else {}
         for block in blocks:
             lam = damping_of(block)
-            if block.kind == "unitwise":
-                stat = f"{block.name}.F"
-                named[stat], damping[stat] = self.stats[stat], lam
-                continue
-            a, g = self.stats[f"{block.name}.A"], self.stats[f"{block.name}.G"]
-            if block.kind == "embedding":  # diagonal A: its inverse is elementwise
-                a_mean = a.mean()
-                g_mean = torch.diagonal(g).mean()
-                pi = float(torch.sqrt(a_mean / g_mean)) if a_mean > 0 and g_mean > 0 else 1.0
-                da, dg = pi * lam**0.5, lam**0.5 / pi
-                self.inverses[f"{block.name}.A"] = 1.0 / (a + da)
-            else:
-                da, dg = kron_damping(a, g, lam)
-                named[f"{block.name}.A"], damping[f"{block.name}.A"] = a, da
-            named[f"{block.name}.G"], damping[f"{block.name}.G"] = g, dg
-        if named:
-            self.inverses.update(self.inverter.invert(named, damping))
+            inverted = {slot: results[(block.name, slot)] for slot in inputs[block.name]}
+            try:
+                self.inverses[block.name] = block.finish_inverse(
+                    self.block_stats(block), lam, inverted
+                )
+            except InversionError as err:
+                if block.name not in self.inverses:
+                    raise
+                warnings.warn(f"curvature: {err}; the previous inverse is kept", stacklevel=3)
+            self.damping_used[block.name] = lam
         if blocks:
-            self._refresh_stacks({b.name for b in blocks})
-        for block in blocks:
-            self.damping_used[block.name] = damping_of(block)
+            names = {b.name for b in blocks}
+            for key in [k for k, (members, _) in self._stack_cache.items() if names & set(members)]:
+                del self._stack_cache[key]
 
-    def _warn_missing(self, missing: list[str]) -> None:
-        for stat in missing:
-            block = stat.rsplit(".", 1)[0]
-            if block in self._warned_missing:
+    def _warn_missing(self, missing: list[StatKey]) -> None:
+        for name, _ in missing:
+            if name in self._warned_missing:
                 continue
-            self._warned_missing.add(block)
-            module = type(self.blocks[block].module).__name__
+            self._warned_missing.add(name)
+            block = self.blocks[name]
             warnings.warn(
-                f"curvature: no statistics for {block!r} ({module}) this step: its hooks did "
-                "not fire (called functionally, unused in this forward, or fisher='mc' "
-                "without mc_backward). It keeps its previous inverse, or the plain gradient "
-                "until it has one.",
+                f"curvature: no statistics for {name!r} ({type(block).__name__}) this step: "
+                "its hooks did not fire (unused in this forward, called outside the model's "
+                "forward, or fisher='mc' without mc_backward). It keeps its previous inverse, "
+                "or the plain gradient until it has one.",
                 stacklevel=3,
             )
 
     # ----------------------------------------------------------------- preconditioning
-    def ready(self, block: Block) -> bool:
-        names = (
-            block.stat_names if block.kind == "unitwise" else (f"{block.name}.A", f"{block.name}.G")
-        )
-        return all(n in self.inverses for n in names)
+    def ready(self, block: FisherBlock) -> bool:
+        """Whether ``block`` has an inverse to precondition with."""
+        return bool(self.inverses.get(block.name))
 
     def precondition(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         """Natural-gradient directions ``F^-1 g`` for the parameters of ready blocks.
 
         ``grads`` maps parameters to gradients of their shape; parameters of blocks without
-        inverses yet, or not in a block, are absent from the result. Kronecker blocks of the
-        same shape are preconditioned together with batched matmuls.
+        inverses yet, or not in a block, are absent from the result (rows of a parameter
+        whose block is not ready keep the gradient). Blocks of one batch key are
+        preconditioned together (e.g. same-shaped Kronecker blocks in batched matmuls).
         """
-        out: dict[Tensor, Tensor] = {}
-        same_shape: dict[tuple[Any, ...], list[Block]] = {}
-        unitwise: dict[tuple[Any, ...], list[Block]] = {}
+        groups: dict[Hashable, list[FisherBlock]] = {}
         for block in self.blocks.values():
-            if not self.ready(block) or any(p not in grads for p in block.params):
+            if not self.ready(block) or any(s.param not in grads for s in block.slices):
                 continue
-            gs = [grads[p] for p in block.params]
-            name = block.name
-            if block.kind == "kron":
-                a_inv, g_inv = self.inverses[f"{name}.A"], self.inverses[f"{name}.G"]
-                key = (tuple(a_inv.shape), tuple(g_inv.shape), a_inv.dtype, len(gs))
-                same_shape.setdefault(key, []).append(block)
-                continue
-            if block.kind == "embedding":
-                pre = L.embedding_precondition(
-                    gs[0].to(self.inverses[f"{name}.G"].dtype),
-                    self.inverses[f"{name}.A"],
-                    self.inverses[f"{name}.G"],
-                )
-                results = [pre]
-            else:
-                f_inv = self.inverses[f"{name}.F"]
-                unitwise.setdefault(("F", f_inv.dtype, f_inv.device), []).append(block)
-                continue
-            for p, r in zip(block.params, results, strict=True):
-                out[p] = r.to(grads[p].dtype)
-        for key, blocks in unitwise.items():  # every unit-wise block in one batched product
-            f_stack = self._stacked_unitwise(key, blocks)
-            gw = torch.cat([grads[b.params[0]].reshape(-1) for b in blocks]).to(f_stack.dtype)
-            gb = torch.cat([grads[b.params[1]].reshape(-1) for b in blocks]).to(f_stack.dtype)
-            pw, pb = L.unitwise_precondition(gw, gb, f_stack)
-            sizes = [b.params[0].numel() for b in blocks]
-            for block, w, b in zip(blocks, pw.split(sizes), pb.split(sizes), strict=True):
-                gamma, beta = block.params
-                out[gamma] = w.reshape(grads[gamma].shape).to(grads[gamma].dtype)
-                out[beta] = b.reshape(grads[beta].shape).to(grads[beta].dtype)
-        for key, blocks in same_shape.items():
-            a_stack, g_stack = self._stacked_inverses(key, blocks)
-            mats = torch.stack(
-                [_grad_matrix([grads[p] for p in b.params]).to(a_stack.dtype) for b in blocks]
-            )
-            pre = torch.matmul(torch.matmul(g_stack, mats), a_stack)
-            for block, mat in zip(blocks, pre, strict=True):
-                gs = [grads[p] for p in block.params]
-                for p, r in zip(block.params, _split_matrix(mat, gs), strict=True):
-                    out[p] = r.to(grads[p].dtype)
+            key = (type(block), block.batch_key(self.inverses[block.name]))
+            groups.setdefault(key, []).append(block)
+        out: dict[Tensor, Tensor] = {}
+        partial: dict[Tensor, Tensor] = {}
+        for key, members in groups.items():
+            stacked = self._stacked(key, members)
+            results = type(members[0]).precondition_group(members, stacked, grads)
+            for block, parts in zip(members, results, strict=True):
+                for piece, value in zip(block.slices, parts, strict=True):
+                    p = piece.param
+                    if piece.whole:
+                        out[p] = value.to(grads[p].dtype)
+                        continue
+                    buf = partial.get(p)
+                    if buf is None:
+                        buf = partial[p] = grads[p].detach().clone()
+                    piece.of(buf).copy_(value)
+        out.update(partial)
         return out
 
-    def _stacked_inverses(self, key: tuple[Any, ...], blocks: list[Block]) -> tuple[Tensor, Tensor]:
-        """A^-1 and G^-1 of same-shaped blocks as batches, cached until the next inversion."""
+    def _stacked(self, key: Hashable, blocks: list[FisherBlock]) -> dict[str, Tensor]:
+        """A group's inverses as batches, cached until one of its blocks is re-inverted."""
         names = tuple(b.name for b in blocks)
         cached = self._stack_cache.get(key)
         if cached is None or cached[0] != names:
-            a = torch.stack([self.inverses[f"{n}.A"] for n in names])
-            g = torch.stack([self.inverses[f"{n}.G"] for n in names])
-            cached = self._stack_cache[key] = (names, a, g)
-        return cached[1], cached[2]
-
-    def _refresh_stacks(self, inverted: set[str]) -> None:
-        """Bring the cached stacks up to date after ``inverted`` blocks got new inverses:
-        their slices are overwritten in place (no re-stacking of the unchanged blocks)."""
-        for key, (names, a, g) in list(self._stack_cache.items()):
-            hit = [k for k, n in enumerate(names) if n in inverted]
-            if not hit:
-                continue
-            if key[0] == "F":  # unit-wise: small, rebuilt on next use
-                del self._stack_cache[key]
-                continue
-            for k in hit:
-                new_a = self.inverses[f"{names[k]}.A"]
-                new_g = self.inverses[f"{names[k]}.G"]
-                if (new_a.shape, new_a.dtype, new_g.shape, new_g.dtype) != (
-                    a[k].shape,
-                    a.dtype,
-                    g[k].shape,
-                    g.dtype,
-                ):
-                    del self._stack_cache[key]
-                    break
-                a[k].copy_(new_a)
-                g[k].copy_(new_g)
-
-    def _stacked_unitwise(self, key: tuple[Any, ...], blocks: list[Block]) -> Tensor:
-        """The (C, 2, 2) inverses of unit-wise blocks, concatenated and cached like
-        :meth:`_stacked_inverses`."""
-        names = tuple(b.name for b in blocks)
-        cached = self._stack_cache.get(key)
-        if cached is None or cached[0] != names:
-            f = torch.cat([self.inverses[f"{n}.F"] for n in names])
-            cached = self._stack_cache[key] = (names, f, f)
+            inverses = [self.inverses[n] for n in names]
+            cached = self._stack_cache[key] = (names, type(blocks[0]).stack_inverses(blocks, inverses))
         return cached[1]
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Everything the engine keeps. Hybrid-distributed: a collective that gathers every
-        owner's blocks, so each rank returns the same full state (loadable at any world size)."""
+        """Everything the engine keeps, as nested plain dicts (see the module docstring).
+        With a sharded strategy this is a collective that returns the full state."""
+        schedule = self.schedule.state_dict()
+        inverter = self.inverter.state_dict()
         state = {
+            "format": STATE_FORMAT,
             "step": self.step,
-            "stats": {k: v.clone() for k, v in self.stats.items()},
-            "inverses": {k: v.clone() for k, v in self.inverses.items()},
+            "stats": nest({k: v.clone() for k, v in self.stats.items()}),
+            "inverses": {b: {s: t.clone() for s, t in inv.items()} for b, inv in self.inverses.items()},
             "damping_used": dict(self.damping_used),
-            "schedule": self.schedule.state_dict(),
-            "inverter": self.inverter.state_dict(),
+            "schedule": {
+                "intervals": nest(schedule["intervals"]),
+                "next_due": nest(schedule["next_due"]),
+                "measured": nest(schedule["measured"]),
+                "refreshed": schedule["refreshed"],
+                "total": schedule["total"],
+            },
+            "inverter": {
+                "inverses": _nest_slots(inverter["inverses"]),
+                "failures": _nest_slots(inverter["failures"]),
+            },
+            "tied": sorted(
+                b.name for b in self.blocks.values() if isinstance(b, EmbeddingBlock) and b.tied
+            ),
         }
-        return state if self.sync is None else self.sync.gather_state(state)
+        return self.strategy.gather_state(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        known = set(self.capture.stat_names())
-        unknown = set(state["stats"]) - known
-        if unknown:
+        """Restore :meth:`state_dict`'s output; validated before anything is replaced."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(
-                f"curvature state has statistics for unknown blocks: {sorted(unknown)}"
+                "curvature state has another layout (saved by bigbatch < 0.2?); it cannot be "
+                "restored: start the optimizer's curvature afresh"
             )
-        if self.sync is not None:  # keep only the blocks this rank owns
-            state = self.sync.owned_state(state)
+        for name in state.get("tied", []):
+            block = self.blocks.get(name)
+            if isinstance(block, EmbeddingBlock):
+                block.tied = True
+        stats = unnest(state["stats"], "stats")
+        self._check_stats(stats)
+        sched = state["schedule"]
+        schedule_state = {
+            "intervals": unnest(sched["intervals"], "schedule.intervals"),
+            "next_due": unnest(sched["next_due"], "schedule.next_due"),
+            "measured": unnest(sched["measured"], "schedule.measured"),
+            "refreshed": sched["refreshed"],
+            "total": sched["total"],
+        }
+        owned = {k: v for k, v in stats.items() if self.strategy.owns(k[0])}
+        inverses = {b: dict(v) for b, v in state["inverses"].items() if self.strategy.owns(b)}
+        for block, slots in inverses.items():
+            if block not in self.blocks:
+                raise ValueError(f"curvature state has inverses of unknown block {block!r}")
+            for slot, t in slots.items():
+                if not isinstance(t, Tensor) or not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"curvature state: inverse {block!r}/{slot!r} is not finite")
+        inverter = {
+            "inverses": {
+                k: v
+                for k, v in _unnest_slots(state["inverter"]["inverses"]).items()
+                if self.strategy.owns(k[0])
+            },
+            "failures": {
+                k: v
+                for k, v in _unnest_slots(state["inverter"]["failures"]).items()
+                if self.strategy.owns(k[0])
+            },
+        }
+        self.inverter.load_state_dict(inverter)
+        self.schedule.load_state_dict(schedule_state)
+        self.schedule.register(self.capture.stat_keys())
         self.step = int(state["step"])
-        self.stats = {k: v.clone() for k, v in state["stats"].items()}
-        self.inverses = {k: v.clone() for k, v in state["inverses"].items()}
-        self.damping_used = {k: float(v) for k, v in state["damping_used"].items()}
-        self.schedule.load_state_dict(state["schedule"])
-        self.inverter.load_state_dict(state["inverter"])
+        self.stats = {k: v.clone() for k, v in owned.items()}
+        self.inverses = {b: {s: t.clone() for s, t in v.items()} for b, v in inverses.items()}
+        self.damping_used = {
+            k: float(v) for k, v in state["damping_used"].items() if self.strategy.owns(k)
+        }
         self._stack_cache.clear()
-        self.capture.arm(self.schedule.due_names(self.step))
+        self.capture.arm(self._due(self.step))
 
-
-def _grad_matrix(gs: list[Tensor]) -> Tensor:
-    """(out, in*kh*kw [+1]) matrix of a Linear/Conv2d gradient, bias as the last column."""
-    w = gs[0].reshape(gs[0].shape[0], -1)
-    if len(gs) == 1:
-        return w
-    return torch.cat([w, gs[1].reshape(-1, 1).to(w.dtype)], dim=1)
-
-
-def _split_matrix(mat: Tensor, gs: list[Tensor]) -> list[Tensor]:
-    if len(gs) == 1:
-        return [mat.reshape(gs[0].shape)]
-    return [mat[:, :-1].reshape(gs[0].shape), mat[:, -1].reshape(gs[1].shape)]
+    def _check_stats(self, stats: Mapping[StatKey, Any]) -> None:
+        for (name, factor), value in stats.items():
+            block = self.blocks.get(name)
+            if block is None or factor not in block.factors():
+                raise ValueError(
+                    f"curvature state has statistic {factor.value!r} of unknown block {name!r} "
+                    f"(this model's blocks: {sorted(self.blocks)[:8]}...)"
+                )
+            shape, _ = block.layout(factor)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"curvature state: statistic {factor.value!r} of {name!r} has shape {got}, "
+                    f"this model's is {shape} (saved from another model?)"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"curvature state: statistic {factor.value!r} of {name!r} is not finite")

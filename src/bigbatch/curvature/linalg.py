@@ -25,7 +25,7 @@ factor matrices into damped inverses.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -123,7 +123,7 @@ class InversionError(RuntimeError):
     ``names`` lists the offending blocks, ``reasons`` maps each to a short explanation.
     """
 
-    def __init__(self, reasons: Mapping[str, str]) -> None:
+    def __init__(self, reasons: Mapping[Hashable, str]) -> None:
         self.reasons = dict(reasons)
         self.names = tuple(self.reasons)
         detail = "; ".join(f"{name!r}: {why}" for name, why in self.reasons.items())
@@ -141,12 +141,12 @@ class InversionReport:
     :func:`damped_inverse_batch` (one per group, plus one per group that needed a retry).
     """
 
-    inverted: tuple[str, ...] = ()
-    retried: tuple[str, ...] = ()
-    recovered: tuple[str, ...] = ()
-    nonfinite: tuple[str, ...] = ()
-    kept: tuple[str, ...] = ()
-    raised: tuple[str, ...] = ()
+    inverted: tuple[Hashable, ...] = ()
+    retried: tuple[Hashable, ...] = ()
+    recovered: tuple[Hashable, ...] = ()
+    nonfinite: tuple[Hashable, ...] = ()
+    kept: tuple[Hashable, ...] = ()
+    raised: tuple[Hashable, ...] = ()
     batched_calls: int = 0
 
 
@@ -256,7 +256,7 @@ def _invert_eigh_cached(
     counts: list[int],
     mats: Tensor,
     damping: Tensor,
-    cache: dict[str, _Eig],
+    cache: dict[Hashable, _Eig],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_invert` with ``"eigh"``, decomposing only blocks whose matrices changed since
     their cached decomposition (a damping change alone costs one matrix product).
@@ -331,7 +331,7 @@ def damped_inverse_batch(
 
 @dataclass
 class _Block:
-    name: str
+    name: Hashable
     mats: Tensor  # (n, k, k) view of the input
     shape: torch.Size  # the input's shape, (k, k) or (C, k, k)
     damping: Tensor | float  # scalar, or (n,) tensor
@@ -345,7 +345,7 @@ class _Outcome:
     finite_in: bool
 
 
-def _prepare(name: str, tensor: Tensor, damping: float | Tensor) -> _Block:
+def _prepare(name: Hashable, tensor: Tensor, damping: float | Tensor) -> _Block:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"block {name!r}: expected a Tensor, got {type(tensor).__name__}")
     if tensor.ndim not in (2, 3) or tensor.shape[-1] != tensor.shape[-2]:
@@ -377,7 +377,7 @@ def _run(
     blocks: Sequence[_Block],
     method: str,
     compute_dtype: torch.dtype,
-    cache: dict[str, _Eig] | None = None,
+    cache: dict[Hashable, _Eig] | None = None,
 ) -> list[_Outcome]:
     """Invert all matrices of ``blocks`` (same k, dtype, device) in one batched call.
 
@@ -421,18 +421,19 @@ def _run(
 
 @dataclass
 class _Tally:
-    inverted: list[str] = field(default_factory=list)
-    retried: list[str] = field(default_factory=list)
-    recovered: list[str] = field(default_factory=list)
-    nonfinite: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
+    inverted: list[Hashable] = field(default_factory=list)
+    retried: list[Hashable] = field(default_factory=list)
+    recovered: list[Hashable] = field(default_factory=list)
+    nonfinite: list[Hashable] = field(default_factory=list)
+    kept: list[Hashable] = field(default_factory=list)
     calls: int = 0
 
 
 class DampedInverter:
     """Damped inverses of many named blocks, with per-block fallback state.
 
-    Each name holds its last good inverse and a consecutive-failure counter. A 2-D tensor
+    Blocks are named by any hashable key (the engine uses ``(block, slot)``). Each name
+    holds its last good inverse and a consecutive-failure counter. A 2-D tensor
     ``(k, k)`` is one matrix; a 3-D tensor ``(C, k, k)`` (a unit-wise BatchNorm layer) is
     ``C`` matrices that succeed or fail together and are stored as one tensor. Returned
     tensors are the stored state: do not modify them in place.
@@ -440,25 +441,25 @@ class DampedInverter:
 
     def __init__(self, config: InversionConfig | None = None) -> None:
         self.config = config if config is not None else InversionConfig()
-        self._inverses: dict[str, Tensor] = {}
-        self._failures: dict[str, int] = {}
-        self._eig: dict[str, _Eig] = {}  # "eigh": decompositions for re-damping
+        self._inverses: dict[Hashable, Tensor] = {}
+        self._failures: dict[Hashable, int] = {}
+        self._eig: dict[Hashable, _Eig] = {}  # "eigh": decompositions for re-damping
         self.last_report = InversionReport()
 
     @property
-    def failures(self) -> Mapping[str, int]:
+    def failures(self) -> Mapping[Hashable, int]:
         """Consecutive-failure counter per block name (read-only view)."""
         return MappingProxyType(self._failures)
 
     @property
-    def inverses(self) -> Mapping[str, Tensor]:
+    def inverses(self) -> Mapping[Hashable, Tensor]:
         """Last good inverse per block name (read-only view)."""
         return MappingProxyType(self._inverses)
 
     @torch.no_grad()
     def invert(
-        self, named: Mapping[str, Tensor], damping: Mapping[str, float | Tensor]
-    ) -> dict[str, Tensor]:
+        self, named: Mapping[Hashable, Tensor], damping: Mapping[Hashable, float | Tensor]
+    ) -> dict[Hashable, Tensor]:
         """Invert ``named[n] + damping[n] I`` for every block ``n``; see the class docstring.
 
         On success a block's counter is reset to 0. A block that fails (non-finite input,
@@ -479,7 +480,7 @@ class DampedInverter:
 
         method = self.config.method
         tally = _Tally()
-        results: dict[str, Tensor] = {}
+        results: dict[Hashable, Tensor] = {}
         failed: list[_Block] = []
         for (_, dtype, _), members in groups.items():
             outcomes = _run(members, method, dtype, self._eig)
@@ -511,7 +512,7 @@ class DampedInverter:
         for name, inverse in results.items():
             self._inverses[name] = inverse
             self._failures[name] = 0
-        reasons: dict[str, str] = {}
+        reasons: dict[Hashable, str] = {}
         for block in failed:
             name = block.name
             why = "non-finite input" if name in tally.nonfinite else "inversion failed"
@@ -560,8 +561,8 @@ class DampedInverter:
         if set(inverses) != set(failures):
             raise ValueError("'inverses' and 'failures' must name the same blocks")
         for name, inv in inverses.items():
-            if not isinstance(name, str) or not isinstance(inv, Tensor):
-                raise ValueError(f"inverse for {name!r} must be a Tensor keyed by a str")
+            if not isinstance(name, str | tuple) or not isinstance(inv, Tensor):
+                raise ValueError(f"inverse for {name!r} must be a Tensor keyed by a name")
             if inv.ndim not in (2, 3) or inv.shape[-1] != inv.shape[-2]:
                 raise ValueError(f"inverse for {name!r} has bad shape {tuple(inv.shape)}")
         for name, count in failures.items():

@@ -24,7 +24,7 @@ This module only schedules (and averages); it does not know what a statistic is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,21 +79,21 @@ class RefreshSchedule:
     """Per-statistic intervals and due steps, plus the refresh fraction actually achieved."""
 
     config: StalenessConfig = field(default_factory=StalenessConfig)
-    intervals: dict[str, int] = field(default_factory=dict)
-    next_due: dict[str, int] = field(default_factory=dict)
+    intervals: dict[Hashable, int] = field(default_factory=dict)
+    next_due: dict[Hashable, int] = field(default_factory=dict)
     refreshed: int = 0  # (statistic, step) pairs that were refreshed
     total: int = 0  # (statistic, step) pairs seen
-    measured: dict[str, int] = field(default_factory=dict)  # measurements in each average
+    measured: dict[Hashable, int] = field(default_factory=dict)  # measurements in each average
 
-    def register(self, names: Iterable[str]) -> None:
+    def register(self, names: Iterable[Hashable]) -> None:
         for name in names:
             self.intervals.setdefault(name, self.config.initial_interval)
             self.next_due.setdefault(name, 0)
 
-    def due(self, name: str, step: int) -> bool:
+    def due(self, name: Hashable, step: int) -> bool:
         return not self.config.enabled or step >= self.next_due.get(name, 0)
 
-    def due_names(self, step: int) -> set[str]:
+    def due_names(self, step: int) -> set[Hashable]:
         return {name for name in self.intervals if self.due(name, step)}
 
     def record_step(self, n_refreshed: int) -> None:
@@ -101,7 +101,7 @@ class RefreshSchedule:
         self.total += len(self.intervals)
 
     def absorb(
-        self, name: str, step: int, measured: Tensor, old: Tensor | None
+        self, name: Hashable, step: int, measured: Tensor, old: Tensor | None
     ) -> tuple[Tensor, float | None]:
         """Take in a fresh measurement of ``name`` at ``step``: ``(new value, change)``.
 
@@ -117,7 +117,7 @@ class RefreshSchedule:
             value = torch.lerp(old, measured.to(old.dtype), weight)
         return value, self.update(name, step, value, old)
 
-    def update(self, name: str, step: int, new: Tensor, old: Tensor | None) -> float | None:
+    def update(self, name: Hashable, step: int, new: Tensor, old: Tensor | None) -> float | None:
         """Adapt ``name``'s interval after refreshing it at ``step``; returns the change."""
         change = relative_change(new, old)
         interval = self.intervals.get(name, self.config.initial_interval)
@@ -129,6 +129,16 @@ class RefreshSchedule:
         self.intervals[name] = interval
         self.next_due[name] = step + interval
         return change
+
+    def retry(self, name: Hashable, step: int) -> None:
+        """``name`` got no usable measurement at ``step``: due again at the next step."""
+        self.next_due[name] = step + 1
+
+    def adopt(self, name: Hashable, step: int, interval: int, measured: int) -> None:
+        """Take a refresh decision made elsewhere (the owner rank of the statistic)."""
+        self.intervals[name] = interval
+        self.next_due[name] = step + interval
+        self.measured[name] = measured
 
     @property
     def refresh_fraction(self) -> float:
@@ -145,11 +155,11 @@ class RefreshSchedule:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.intervals = {str(k): int(v) for k, v in state["intervals"].items()}
-        self.next_due = {str(k): int(v) for k, v in state["next_due"].items()}
+        self.intervals = {k: int(v) for k, v in state["intervals"].items()}
+        self.next_due = {k: int(v) for k, v in state["next_due"].items()}
         self.refreshed = int(state["refreshed"])
         self.total = int(state["total"])
-        self.measured = {str(k): int(v) for k, v in state.get("measured", {}).items()}
+        self.measured = {k: int(v) for k, v in state.get("measured", {}).items()}
 
 
 def relative_change(new: Tensor, old: Tensor | None) -> float | None:

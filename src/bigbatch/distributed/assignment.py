@@ -15,24 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from torch import nn
-
-from bigbatch.curvature.capture import Block
+from bigbatch.curvature.blocks.base import FisherBlock
 
 __all__ = ["assign_owners", "block_cost", "loads", "owned_by"]
 
 
-def block_cost(block: Block) -> float:
-    """Work (multiply-adds, up to constants) one refresh and preconditioning of ``block`` cost."""
-    module = block.module
-    if block.kind == "unitwise":  # C independent 2x2 blocks
-        return 16.0 * float(block.params[0].numel())
-    if block.kind == "embedding" and isinstance(module, nn.Embedding):
-        vocab, dim = module.num_embeddings, module.embedding_dim
-        return float(dim**3 + vocab * dim * dim + vocab)
-    out_dim = block.params[0].shape[0]
-    in_dim = block.params[0].numel() // out_dim + (1 if len(block.params) == 2 else 0)
-    return float(in_dim**3 + out_dim**3 + out_dim * in_dim * (in_dim + out_dim))
+def block_cost(block: FisherBlock) -> float:
+    """Work (multiply-adds, up to constants) one refresh and preconditioning of ``block``
+    cost: its kind's own estimate (:meth:`FisherBlock.cost`)."""
+    return block.cost()
 
 
 def assign_owners(costs: Mapping[str, float], world_size: int) -> dict[str, int]:

@@ -1,7 +1,6 @@
 """NLCG's K-FAC preconditioner: the SP-NGD curvature engine behind NLCG's interface.
 
-``z = F^-1 r`` per Fisher block (K-FAC for Linear/Conv2d/Embedding, unit-wise for
-BatchNorm/LayerNorm), with stale statistics and damped inverses from
+``z = F^-1 r`` per Fisher block (every kind of :mod:`bigbatch.curvature.blocks`), with stale statistics and damped inverses from
 :class:`bigbatch.curvature.KFACEngine`; parameters outside any block get ``z = r``. The
 statistics come from hooks on the model, so NLCG needs nothing more from the training loop
 than SP-NGD does (the empirical Fisher by default).
@@ -16,11 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from bigbatch.curvature.engine import KFACEngine
+from bigbatch.curvature.keys import KFAC_APPROX, KFACApprox
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.optim.flat_layout import FlatLayout
 from bigbatch.optim.preconditioners import Preconditioner, SecantPair
-from bigbatch.optim.validation import check_number
+from bigbatch.optim.validation import check_choice, check_number
 
 __all__ = ["KFACPreconditioner"]
 
@@ -31,7 +31,7 @@ class KFACPreconditioner(Preconditioner):
     Args:
         model: the network NLCG optimizes (its parameters must be NLCG's parameters).
         damping: Tikhonov damping of the Fisher blocks (default 1e-3).
-        fisher, staleness, inversion: as for :class:`bigbatch.SPNGD`.
+        fisher, staleness, inversion, kfac_approx: as for :class:`bigbatch.SPNGD`.
     """
 
     name = "kfac"
@@ -44,11 +44,13 @@ class KFACPreconditioner(Preconditioner):
         fisher: str = "empirical",
         staleness: StalenessConfig | bool = True,
         inversion: InversionConfig | None = None,
+        kfac_approx: KFACApprox = "expand",
     ) -> None:
         self.damping = check_number("damping", damping, low=0.0, low_open=True)
+        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
-        self.engine = KFACEngine(model, fisher, staleness, inversion)
+        self.engine = KFACEngine(model, fisher, staleness, inversion, kfac_approx=kfac_approx)
         self._layout: FlatLayout | None = None
 
     def attach(self, layout: FlatLayout) -> None:
@@ -85,7 +87,9 @@ class KFACPreconditioner(Preconditioner):
             self.engine.load_state_dict(state["engine"])
 
     def nbytes(self) -> int:
-        tensors = list(self.engine.stats.values()) + list(self.engine.inverses.values())
+        tensors = list(self.engine.stats.values()) + [
+            t for slots in self.engine.inverses.values() for t in slots.values()
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:

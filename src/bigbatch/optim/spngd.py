@@ -4,9 +4,9 @@ A ``torch.optim.Optimizer``: momentum SGD on the natural gradient ``F^-1 g``, wi
 K-FAC Fisher of Linear/Conv2d/Embedding layers and unit-wise 2x2 blocks for BatchNorm and
 LayerNorm, computed from stale statistics (each refreshed only when it has changed) and
 damped, pi-corrected inverses. The curvature lives in :class:`bigbatch.curvature.KFACEngine`;
-this file turns preconditioned gradients into updates. With ``distributed=`` the gradient
-and statistics exchange of data-parallel training happens inside :meth:`SPNGD.step` (see
-:mod:`bigbatch.distributed.kfac_sync`).
+this file turns preconditioned gradients into updates. With ``distributed=`` the engine runs
+the data-parallel strategy :class:`bigbatch.distributed.DistributedCurvature`: the gradient
+and statistics exchange then happens inside :meth:`SPNGD.step`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
 
-from bigbatch.curvature.capture import Block
-from bigbatch.curvature.engine import KFACEngine, RefreshReport
+from bigbatch.curvature.blocks.base import FisherBlock
+from bigbatch.curvature.engine import KFACEngine
+from bigbatch.curvature.keys import KFAC_APPROX, BlockKind, KFACApprox
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
+from bigbatch.curvature.strategy import CurvatureStrategy, RefreshReport
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.kfac_sync import DistributedCurvature
 from bigbatch.optim.validation import check_choice, check_number
 
 __all__ = ["SPNGD"]
@@ -44,9 +47,13 @@ class SPNGD(Optimizer):
     what makes the per-sample gradients ``N * dL/dy``.
 
     Args:
-        model: the network; its Linear, Conv2d (groups=1), BatchNorm1d/2d, LayerNorm and
-            Embedding layers get Fisher blocks. Other trainable parameters (listed once in a
-            warning and in :attr:`fallback_parameters`) get plain momentum SGD.
+        model: the network; its Linear, Conv2d (groups=1), MultiheadAttention (each
+            projection), BatchNorm, LayerNorm, RMSNorm and Embedding layers (with a tied
+            head) get Fisher blocks (:mod:`bigbatch.curvature.blocks`). Other trainable
+            parameters (listed once in a warning and in :attr:`fallback_parameters`) get
+            plain momentum SGD. The loss must be the MEAN over the model output's entries
+            per class (``F.cross_entropy`` of flattened logits, as usual); the Fisher is
+            then that of this mean loss (K-FAC as curvlinops defines it).
         lr: learning rate (default 0.1); from ``param_groups``, so schedulers work.
         momentum: heavy-ball momentum on the preconditioned gradient (default 0.9), rescaled
             by ``lr_new / lr_old`` when the learning rate changes.
@@ -66,6 +73,9 @@ class SPNGD(Optimizer):
             refreshes, and halves otherwise; ``StalenessConfig(smoothing=0.0)`` compares raw
             measurements instead (see :mod:`bigbatch.curvature.staleness`).
         inversion: :class:`InversionConfig` (``"eigh"`` or ``"cholesky"``, failure policy).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``: K-FAC for layers applied at many
+            positions of a sample (tokens, patches, pixels), Eschenhagen et al. (2023); see
+            :mod:`bigbatch.curvature.blocks.kronecker`.
         nonfinite: ``"skip"`` (default): a step with a NaN/Inf gradient or preconditioned
             gradient changes no parameter and no momentum, and warns; ``"raise"``:
             ``FloatingPointError``.
@@ -80,7 +90,7 @@ class SPNGD(Optimizer):
             and preconditions it; ``"simple"`` has every rank compute every block. Every
             rank ends each step with the same parameters and momentum; in hybrid mode
             ``state_dict()`` is a collective (call it on every rank; each returns the full
-            state). Bytes sent per collective: ``engine.sync.comm.counter``.
+            state). Bytes sent per collective: ``engine.strategy.comm.counter``.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class SPNGD(Optimizer):
         nonfinite: str = "skip",
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         distributed: DistributedConfig | None = None,
+        kfac_approx: KFACApprox = "expand",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -107,6 +118,9 @@ class SPNGD(Optimizer):
         )
         self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
         fisher = check_choice("fisher", fisher, ("empirical", "mc"))
+        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
+        if distributed is not None and not isinstance(distributed, DistributedConfig):
+            raise ValueError(f"distributed must be None or a DistributedConfig, got {distributed!r}")
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
         elif not isinstance(staleness, StalenessConfig):
@@ -120,7 +134,10 @@ class SPNGD(Optimizer):
         }
         _check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
-        self.engine = KFACEngine(model, fisher, staleness, inversion, distributed)
+        strategy: CurvatureStrategy | None = (
+            None if distributed is None else DistributedCurvature(distributed)
+        )
+        self.engine = KFACEngine(model, fisher, staleness, inversion, strategy, kfac_approx)
         self.skipped_steps = 0
         self.last_report = RefreshReport()
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -201,32 +218,21 @@ class SPNGD(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("SPNGD does not support sparse gradients")
         grads: dict[Tensor, Tensor] = {p: cast(Tensor, p.grad) for p in params}
-        if self.engine.sync is not None:
-            kl = self._kl_total if self.kl_clip is not None else None
-            outcome = self.engine.distributed_step(grads, self._damping_of, kl)
-            if outcome.nonfinite:
-                return self._nonfinite("gradient", loss)
-            self.last_report = RefreshReport(
-                refreshed=outcome.refreshed, inverted=outcome.inverted, missing=outcome.missing
-            )
-            directions = outcome.directions
-            kl_total = outcome.kl_total
-        else:
-            if not _all_finite(list(grads.values())):
-                return self._nonfinite("gradient", loss)
-            self.last_report = self.engine.refresh(self._damping_of)
-            directions = self.engine.precondition(grads)
-            for p, g in grads.items():
-                directions.setdefault(p, g)
-            kl_total = self._kl_total(directions, grads) if self.kl_clip is not None else 0.0
+        kl = self._kl_total if self.kl_clip is not None else None
+        outcome = self.engine.run_step(grads, self._damping_of, kl)
+        if outcome.nonfinite:
+            return self._nonfinite("gradient", loss)
+        self.last_report = outcome.report
+        directions, kl_total = outcome.directions, outcome.kl_total
         if not _all_finite(list(directions.values())):
             return self._nonfinite("preconditioned gradient", loss)
         self._update(directions, self._kl_scale(kl_total))
         self.engine.advance()
         return loss
 
-    def _damping_of(self, block: Block) -> float:
-        return float(self._group_of[block.params[0]]["damping"])
+    def _damping_of(self, block: FisherBlock) -> float:
+        group = self._group_of.get(block.params[0])
+        return float((group if group is not None else self.defaults)["damping"])
 
     def _nonfinite(self, what: str, loss: Any) -> Any:
         message = f"SPNGD got a non-finite {what} (NaN or Inf); parameters are left unchanged"
@@ -256,7 +262,9 @@ class SPNGD(Optimizer):
         return min(1.0, math.sqrt(self.kl_clip / total))
 
     def _update(self, directions: dict[Tensor, Tensor], scale: float) -> None:
-        rescale_params = {b.params[0] for b in self._blocks if b.kind == "kron"}
+        rescale_params = {
+            b.params[0] for b in self._blocks if b.kind in (BlockKind.LINEAR, BlockKind.CONV2D)
+        }
         for group in self.param_groups:
             ps = [p for p in group["params"] if p in directions]
             if not ps:

@@ -23,8 +23,8 @@ refresh intervals of stale statistics reach their steady state, up to 32 steps),
 after a barrier (so the ranks start together); its time is the slowest rank's. Bytes are
 what one rank sends (the communicator's count: all-reduce ``2 (W-1)/W S``, per-owner
 reduce ``S - s_rank``, all-gather ``(W-1) max_k s_k``), averaged over ranks and timed steps:
-all collectives of the step (``opt.engine.sync.comm.counter``), and the statistics alone
-(``opt.engine.sync.last_stat_bytes``).
+all collectives of the step (``opt.engine.strategy.comm.counter``), and the statistics alone
+(``opt.engine.strategy.last_stat_bytes``).
 
 Reported per world size and setting: median (and quartiles of) step time, mean bytes per
 rank per step (total and statistics), and the largest absolute parameter difference to the
@@ -59,6 +59,7 @@ from torch.nn import functional as F
 
 from bigbatch import SPNGD, StalenessConfig
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.kfac_sync import DistributedCurvature
 from bigbatch.distributed.local_ranks import run_on_ranks
 from bigbatch.train.data import load_dataset
 from bigbatch.train.models import build_model
@@ -92,7 +93,7 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             staleness=StalenessConfig() if stale else False,
             distributed=DistributedConfig(mode) if world > 1 else None,
         )
-    sync = opt.engine.sync
+    sync = opt.engine.strategy if isinstance(opt.engine.strategy, DistributedCurvature) else None
     images = _fashion_mnist(cfg["data_dir"]) if cfg["data"] == "fashion-mnist" else None
     batch = cfg["batch_size"]
     shard = batch // world

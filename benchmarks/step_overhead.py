@@ -217,7 +217,7 @@ class Contender:
                 [
                     *optimizer_tensors(self.optimizer),
                     *engine.stats.values(),
-                    *engine.inverses.values(),
+                    *(t for slots in engine.inverses.values() for t in slots.values()),
                 ]
             )
         if self.grad_maker is not None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
-from bigbatch.curvature.layers import (
+from bigbatch.curvature.blocks.norm import (
     XHAT_FROM_OUTPUT_MAX_RATIO,
     batchnorm_normalized_input,
     layernorm_normalized_input,

@@ -10,11 +10,9 @@ from torch import Tensor, nn
 
 from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
-from bigbatch.curvature.layers import (
-    UnsupportedLayerError,
-    conv2d_input_sum,
-    same_conv2d_gram,
-)
+from bigbatch.curvature.blocks.conv import _is_same_stride1, conv2d_input_sum, conv2d_patches
+from bigbatch.curvature.blocks.conv_gram import same_conv2d_gram
+from bigbatch.curvature.blocks.kronecker import gram_with_ones
 
 DT = torch.float64
 
@@ -41,6 +39,11 @@ def _reference(x: Tensor, kh: int, kw: int, bias: bool) -> Tensor:
     )
 
 
+def _im2col_gram(x: Tensor, conv: nn.Conv2d, bias: bool) -> Tensor:
+    patches = conv2d_patches(x, conv)
+    return gram_with_ones(patches.reshape(-1, patches.shape[-1]), bias)
+
+
 # (N, C, H, W, kernel)
 CASES = [
     (3, 2, 5, 7, (3, 3)),  # non-square image
@@ -65,18 +68,19 @@ def test_correlation_gram_matches_patch_references_float64(
     got = same_conv2d_gram(x, *kernel, bias)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
     conv = nn.Conv2d(c, 2, kernel, padding="same", bias=bias).to(DT)
-    a_corr, p_corr = conv2d_input_sum(x, conv, method="correlation")
-    a_im2col, p_im2col = conv2d_input_sum(x, conv, method="im2col")
-    assert p_corr == p_im2col == h * w
-    torch.testing.assert_close(a_corr, a_im2col, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(conv2d_input_sum(x, conv)[0], a_corr, rtol=0, atol=0)
+    assert _is_same_stride1(conv)
+    a_im2col = _im2col_gram(x, conv, bias)
+    torch.testing.assert_close(got, a_im2col, rtol=1e-12, atol=1e-10)
+    a_hooks, rows = conv2d_input_sum(x, conv, bias)
+    assert rows == n * h * w
+    torch.testing.assert_close(a_hooks, got, rtol=0, atol=0)  # the library takes this path
 
 
 def test_correlation_gram_float32_accuracy() -> None:
     torch.manual_seed(0)
     x = torch.randn(16, 8, 12, 10).relu()
     conv = nn.Conv2d(8, 4, 3, padding=1)
-    got, _ = conv2d_input_sum(x, conv)
+    got, _ = conv2d_input_sum(x, conv, True)
     assert got.dtype == torch.float32
     want = _reference(x, 3, 3, True)
     rel = float(torch.linalg.matrix_norm(got.double() - want) / torch.linalg.matrix_norm(want))
@@ -87,8 +91,9 @@ def test_explicit_padding_and_unbatched_input_use_the_correlation_path() -> None
     torch.manual_seed(1)
     x = torch.randn(3, 6, 5, dtype=DT)
     conv = nn.Conv2d(3, 2, (3, 5), padding=(1, 2)).to(DT)
-    a, p = conv2d_input_sum(x, conv, method="correlation")
-    assert p == 30
+    assert _is_same_stride1(conv)
+    a, rows = conv2d_input_sum(x, conv, True)
+    assert rows == 30
     torch.testing.assert_close(a, _reference(x[None], 3, 5, True), rtol=1e-12, atol=1e-10)
 
 
@@ -105,15 +110,14 @@ def test_explicit_padding_and_unbatched_input_use_the_correlation_path() -> None
 def test_other_configurations_fall_back_to_im2col(conv: nn.Conv2d) -> None:
     conv = conv.to(DT)
     x = torch.randn(2, 2, 7, 6, dtype=DT)
-    with pytest.raises(UnsupportedLayerError, match="correlation"):
-        conv2d_input_sum(x, conv, method="correlation")
-    torch.testing.assert_close(conv2d_input_sum(x, conv)[0], conv2d_input_sum(x, conv, "im2col")[0])
-    with pytest.raises(ValueError, match="method"):
-        conv2d_input_sum(x, conv, method="fft")
+    assert not _is_same_stride1(conv)
+    got, _ = conv2d_input_sum(x, conv, True)
+    torch.testing.assert_close(got, _im2col_gram(x, conv, True), rtol=0, atol=0)
 
 
 def test_hooked_conv_factor_matches_reference() -> None:
-    """Through SPNGD's hooks (correlation path) the A factor is (1/N) sum_i a a^T."""
+    """Through SPNGD's hooks (correlation path) the A factor is the mean of a a^T over the
+    N P patches."""
     torch.manual_seed(2)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
@@ -127,6 +131,6 @@ def test_hooked_conv_factor_matches_reference() -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    torch.testing.assert_close(opt.engine.stats[("0", Factor.A)], _reference(x, 3, 3, True) / 5)
+    torch.testing.assert_close(opt.engine.stats[("0", Factor.A)], _reference(x, 3, 3, True) / (5 * 30))
     h = model[1](model[0](x)).detach()
-    torch.testing.assert_close(opt.engine.stats[("2", Factor.A)], _reference(h, 5, 5, False) / 5)
+    torch.testing.assert_close(opt.engine.stats[("2", Factor.A)], _reference(h, 5, 5, False) / (5 * 30))

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from bigbatch import SPNGD, StalenessConfig
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.kfac_sync import DistributedCurvature
 from bigbatch.distributed.local_ranks import run_on_ranks
 
 GLOBAL_BATCH = 16
@@ -83,14 +84,14 @@ def _train(
         for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
             (F.cross_entropy(model(xm), ym) / micro).backward()
         opt.step()
-        if opt.engine.sync is not None:
-            stat_bytes.append(opt.engine.sync.last_stat_bytes)
+        if isinstance(opt.engine.strategy, DistributedCurvature):
+            stat_bytes.append(opt.engine.strategy.last_stat_bytes)
     return model, opt, stat_bytes
 
 
 def _summary(model: nn.Module, opt: SPNGD, stat_bytes: list[int]) -> dict[str, Any]:
     state = opt.state_dict()  # a collective in hybrid mode
-    sync = opt.engine.sync
+    sync = opt.engine.strategy if isinstance(opt.engine.strategy, DistributedCurvature) else None
     reloaded = _optimizer(model, None if sync is None else sync.config)
     reloaded.load_state_dict(state)
     return {

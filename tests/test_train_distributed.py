@@ -158,8 +158,8 @@ def _job(job: str, root: Path) -> None:
             torch.save(
                 {"params": [p.detach().clone() for p in run.model.parameters()],
                  "steps": result.steps, "history": result.history,
-                 "sync": getattr(getattr(run.optimizer, "engine", None), "sync", None)
-                 is not None},
+                 "sync": type(getattr(getattr(run.optimizer, "engine", None), "strategy", None))
+                 .__name__ == "DistributedCurvature"},
                 root / name / f"params{rank}.pt",
             )  # fmt: skip
         return

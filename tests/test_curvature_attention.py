@@ -138,7 +138,12 @@ CASES = {
         "padding": True,
         "need_weights": True,
     },
-    "cross-packed-kv-padding": {"kind": "cross", "bias": True, "batch_first": True, "padding": True},
+    "cross-packed-kv-padding": {
+        "kind": "cross",
+        "bias": True,
+        "batch_first": True,
+        "padding": True,
+    },
     "separate-kdim-vdim-seq-first": {
         "kind": "separate",
         "bias": True,
@@ -167,9 +172,7 @@ def test_projection_factors_match_per_sample_oracle(name: str, approx: str) -> N
     case = CASES[name]
     model, x, y = _setup(case)
     key, value = model.memories(x)
-    out, proj = _reference(
-        model.attn, x, key, value, model.attn_mask, model.key_padding_mask
-    )
+    out, proj = _reference(model.attn, x, key, value, model.attn_mask, model.key_padding_mask)
     with torch.no_grad():
         torch.testing.assert_close(out, model.attend(x))  # the reference is MHA
     proj_in = {role: t for role, (_, t) in proj.items()}
@@ -268,7 +271,9 @@ class _HandWritten(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, _ = x.shape
-        q, k, v = (lin(x).reshape(n, t, HEADS, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        q, k, v = (
+            lin(x).reshape(n, t, HEADS, -1).transpose(1, 2) for lin in (self.q, self.k, self.v)
+        )
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out: Tensor = self.readout(torch.tanh(self.o(o.transpose(1, 2).reshape(n, t, E))).mean(1))
         return out
@@ -299,7 +304,9 @@ def test_multihead_attention_equals_hand_written_attention_with_linear_layers() 
 
 def test_transformer_encoder_has_no_fallback_parameters() -> None:
     layer = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(E, C))
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(E, C)
+    )
     opt = SPNGD(model, lr=0.1)
     assert opt.fallback_parameters == []
     kinds = sorted({type(b).__name__ for b in opt.engine.blocks.values()})
@@ -308,7 +315,10 @@ def test_transformer_encoder_has_no_fallback_parameters() -> None:
     mask = nn.Transformer.generate_square_subsequent_mask(6)
     for _ in range(2):
         opt.zero_grad()
-        F.cross_entropy(model[1](model[0](x, mask=mask, is_causal=True)).mean(1), torch.zeros(4, dtype=torch.long)).backward()
+        F.cross_entropy(
+            model[1](model[0](x, mask=mask, is_causal=True)).mean(1),
+            torch.zeros(4, dtype=torch.long),
+        ).backward()
         opt.step()
     assert opt.last_report.missing == []
     assert len(opt.engine.inverses) == len(opt.engine.blocks)

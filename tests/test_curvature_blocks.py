@@ -378,7 +378,9 @@ def test_unitwise_precondition_matches_per_channel_solve() -> None:
     pg4, pb4 = unitwise_precondition(g4, b4, f_inv)
     assert pb4 is not None
     for k in range(4):
-        torch.testing.assert_close(torch.stack([pg4[k], pb4[k]]), f_inv[k] @ torch.stack([g4[k], b4[k]]))
+        torch.testing.assert_close(
+            torch.stack([pg4[k], pb4[k]]), f_inv[k] @ torch.stack([g4[k], b4[k]])
+        )
     only, none = unitwise_precondition(g4, None, f_inv[:, :1, :1])
     assert none is None
     torch.testing.assert_close(only, f_inv[:, 0, 0] * g4)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
 from bigbatch.curvature.blocks.norm import (
     XHAT_FROM_OUTPUT_MAX_RATIO,
@@ -16,6 +15,7 @@ from bigbatch.curvature.blocks.norm import (
     layernorm_normalized_input,
     normalized_from_output,
 )
+from bigbatch.curvature.keys import Factor
 
 DT = torch.float64
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bigbatch.curvature.keys import Factor
 from bigbatch import SPNGD
 from bigbatch.curvature.blocks.conv import _is_same_stride1, conv2d_input_sum, conv2d_patches
 from bigbatch.curvature.blocks.conv_gram import same_conv2d_gram
 from bigbatch.curvature.blocks.kronecker import gram_with_ones
+from bigbatch.curvature.keys import Factor
 
 DT = torch.float64
 
@@ -131,6 +131,10 @@ def test_hooked_conv_factor_matches_reference() -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    torch.testing.assert_close(opt.engine.stats[("0", Factor.A)], _reference(x, 3, 3, True) / (5 * 30))
+    torch.testing.assert_close(
+        opt.engine.stats[("0", Factor.A)], _reference(x, 3, 3, True) / (5 * 30)
+    )
     h = model[1](model[0](x)).detach()
-    torch.testing.assert_close(opt.engine.stats[("2", Factor.A)], _reference(h, 5, 5, False) / (5 * 30))
+    torch.testing.assert_close(
+        opt.engine.stats[("2", Factor.A)], _reference(h, 5, 5, False) / (5 * 30)
+    )

@@ -112,25 +112,46 @@ def _embedding_model() -> nn.Module:
     return nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
+class _TinyLM(nn.Module):
+    """A causal transformer LM: MultiheadAttention blocks, LayerNorms and a head tied to
+    the embedding through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(7, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1], dtype=torch.float64)
+        h = self.body(self.emb(idx), mask=mask, is_causal=True)
+        return F.linear(self.norm(h), self.emb.weight)
+
+
 def _variant(rank: int, world: int, variant: str, mode: str | None) -> dict[str, Any]:
-    """Sequence model (Embedding block, Linear over positions) with accumulation, or the
-    conv model with a NaN gradient on the last rank at step 1 (every rank skips it)."""
-    model = _embedding_model() if variant == "embedding" else _model()
+    """Sequence models with accumulation (Embedding block and Linear over positions; a
+    transformer LM with attention and a tied head), or the conv model with a NaN gradient
+    on the last rank at step 1 (every rank skips it)."""
+    models = {"embedding": _embedding_model, "transformer": lambda: _TinyLM().double()}
+    model = models.get(variant, _model)()
+    vocab = 7 if variant == "transformer" else 3
     opt = _optimizer(model, None if mode is None else DistributedConfig(mode))
     shard = GLOBAL_BATCH // world
     for step in range(STEPS // 2):
         gen = torch.Generator().manual_seed(200 + step)
-        if variant == "embedding":
+        if variant in models:
             x = torch.randint(0, 7, (GLOBAL_BATCH, 3), generator=gen)
-            y = torch.randint(0, 3, (GLOBAL_BATCH, 3), generator=gen)
+            y = torch.randint(0, vocab, (GLOBAL_BATCH, 3), generator=gen)
         else:
             x, y = _data(step)
         x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         opt.zero_grad()
-        micro = 2 if variant == "embedding" else 1
+        micro = 2 if variant in models else 1
         for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
             out = model(xm)
-            (F.cross_entropy(out.reshape(-1, 3), ym.reshape(-1)) / micro).backward()
+            (F.cross_entropy(out.reshape(-1, vocab), ym.reshape(-1)) / micro).backward()
         if variant == "nan" and step == 1 and rank == world - 1:
             next(model.parameters()).grad[0].fill_(float("nan"))
         with warnings.catch_warnings():
@@ -147,7 +168,7 @@ def _ranks(rank: int, world: int) -> dict[Any, dict[str, Any]]:
     out: dict[Any, dict[str, Any]] = {
         (mode, micro): _summary(*_train(rank, world, mode, micro)) for mode, micro in SCENARIOS
     }
-    for variant in ("embedding", "nan"):
+    for variant in ("embedding", "transformer", "nan"):
         out[variant] = _variant(rank, world, variant, "hybrid")
     return out
 
@@ -212,8 +233,8 @@ def test_checkpoint_resumes_in_one_process(
     assert out["reloaded_inverses"] == out["local_inverses"]  # each rank reloads its own
 
 
-@pytest.mark.parametrize("variant", ["embedding", "nan"])
-def test_embedding_and_nonfinite_gradient_match_single_process(
+@pytest.mark.parametrize("variant", ["embedding", "transformer", "nan"])
+def test_sequence_models_and_nonfinite_gradient_match_single_process(
     ranks: list[dict[Any, dict[str, Any]]], variant: str
 ) -> None:
     expected = _variant(0, 1, variant, None)

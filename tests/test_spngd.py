@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bigbatch.curvature.keys import BlockKind, Factor
 from bigbatch import NLCG, SPNGD, KFACPreconditioner, StalenessConfig
+from bigbatch.curvature.keys import BlockKind, Factor
 from bigbatch.curvature.linalg import InversionConfig, kron_damping
 
 torch.set_default_dtype(torch.float32)
@@ -243,7 +243,12 @@ def test_inplace_activation_weight_sharing_and_autocast_are_captured() -> None:
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
         opt.step()
-    assert set(opt.last_report.refreshed) == {("shared", Factor.A), ("shared", Factor.G), ("head", Factor.A), ("head", Factor.G)}
+    assert set(opt.last_report.refreshed) == {
+        ("shared", Factor.A),
+        ("shared", Factor.G),
+        ("head", Factor.A),
+        ("head", Factor.G),
+    }
     a = opt.engine.stats[("shared", Factor.A)]
     assert a.dtype == torch.float32
     # two calls per sample (K-FAC-expand): A is the mean of a a^T over both calls' 32 rows,

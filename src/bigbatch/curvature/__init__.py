@@ -13,7 +13,12 @@ from __future__ import annotations
 from bigbatch.curvature.capture import CurvatureCapture
 from bigbatch.curvature.engine import KFACEngine
 from bigbatch.curvature.keys import BlockKind, Factor
-from bigbatch.curvature.strategy import CurvatureStrategy, LocalCurvature, RefreshReport, StepOutcome
+from bigbatch.curvature.strategy import (
+    CurvatureStrategy,
+    LocalCurvature,
+    RefreshReport,
+    StepOutcome,
+)
 
 __all__ = [
     "BlockKind",

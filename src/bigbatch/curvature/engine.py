@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,9 @@ class KFACEngine:
 
     def block_stats(self, block: FisherBlock) -> dict[Any, Tensor]:
         """The current statistics of ``block`` by factor (those it has)."""
-        return {f: self.stats[(block.name, f)] for f in block.factors() if (block.name, f) in self.stats}
+        return {
+            f: self.stats[(block.name, f)] for f in block.factors() if (block.name, f) in self.stats
+        }
 
     # ----------------------------------------------------------------- per step
     def run_step(
@@ -226,8 +228,8 @@ class KFACEngine:
         for block in self.blocks.values():
             if not self.ready(block) or any(s.param not in grads for s in block.slices):
                 continue
-            key = (type(block), block.batch_key(self.inverses[block.name]))
-            groups.setdefault(key, []).append(block)
+            group = (type(block), block.batch_key(self.inverses[block.name]))
+            groups.setdefault(group, []).append(block)
         out: dict[Tensor, Tensor] = {}
         partial: dict[Tensor, Tensor] = {}
         for key, members in groups.items():
@@ -252,7 +254,10 @@ class KFACEngine:
         cached = self._stack_cache.get(key)
         if cached is None or cached[0] != names:
             inverses = [self.inverses[n] for n in names]
-            cached = self._stack_cache[key] = (names, type(blocks[0]).stack_inverses(blocks, inverses))
+            cached = self._stack_cache[key] = (
+                names,
+                type(blocks[0]).stack_inverses(blocks, inverses),
+            )
         return cached[1]
 
     # ----------------------------------------------------------------- checkpoint
@@ -265,7 +270,9 @@ class KFACEngine:
             "format": STATE_FORMAT,
             "step": self.step,
             "stats": nest({k: v.clone() for k, v in self.stats.items()}),
-            "inverses": {b: {s: t.clone() for s, t in inv.items()} for b, inv in self.inverses.items()},
+            "inverses": {
+                b: {s: t.clone() for s, t in inv.items()} for b, inv in self.inverses.items()
+            },
             "damping_used": dict(self.damping_used),
             "schedule": {
                 "intervals": nest(schedule["intervals"]),
@@ -317,12 +324,12 @@ class KFACEngine:
             "inverses": {
                 k: v
                 for k, v in _unnest_slots(state["inverter"]["inverses"]).items()
-                if self.strategy.owns(k[0])
+                if self.strategy.owns(cast(tuple[str, str], k)[0])
             },
             "failures": {
                 k: v
                 for k, v in _unnest_slots(state["inverter"]["failures"]).items()
-                if self.strategy.owns(k[0])
+                if self.strategy.owns(cast(tuple[str, str], k)[0])
             },
         }
         self.inverter.load_state_dict(inverter)
@@ -353,4 +360,6 @@ class KFACEngine:
                     f"this model's is {shape} (saved from another model?)"
                 )
             if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"curvature state: statistic {factor.value!r} of {name!r} is not finite")
+                raise ValueError(
+                    f"curvature state: statistic {factor.value!r} of {name!r} is not finite"
+                )

@@ -1,4 +1,4 @@
-"""Data-parallel curvature: the distributed strategy of :class:`~bigbatch.curvature.engine.KFACEngine`.
+"""Data-parallel curvature: the distributed strategy of the curvature engine.
 
 Forward and backward are data-parallel (every rank holds the whole model and a shard of the
 batch; each rank's loss is the MEAN over its own shard, as with DistributedDataParallel, so

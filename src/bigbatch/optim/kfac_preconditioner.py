@@ -1,15 +1,16 @@
 """NLCG's K-FAC preconditioner: the SP-NGD curvature engine behind NLCG's interface.
 
-``z = F^-1 r`` per Fisher block (every kind of :mod:`bigbatch.curvature.blocks`), with stale statistics and damped inverses from
-:class:`bigbatch.curvature.KFACEngine`; parameters outside any block get ``z = r``. The
-statistics come from hooks on the model, so NLCG needs nothing more from the training loop
-than SP-NGD does (the empirical Fisher by default).
+``z = F^-1 r`` per Fisher block (every kind of :mod:`bigbatch.curvature.blocks`), with
+stale statistics and damped inverses from :class:`bigbatch.curvature.KFACEngine`;
+parameters outside any block get ``z = r``. The statistics come from hooks on the model, so
+NLCG needs nothing more from the training loop than SP-NGD does (the empirical Fisher by
+default).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ class KFACPreconditioner(Preconditioner):
         kfac_approx: KFACApprox = "expand",
     ) -> None:
         self.damping = check_number("damping", damping, low=0.0, low_open=True)
-        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
+        kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
         self.engine = KFACEngine(model, fisher, staleness, inversion, kfac_approx=kfac_approx)

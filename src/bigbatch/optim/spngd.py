@@ -118,9 +118,11 @@ class SPNGD(Optimizer):
         )
         self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
         fisher = check_choice("fisher", fisher, ("empirical", "mc"))
-        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
+        kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
         if distributed is not None and not isinstance(distributed, DistributedConfig):
-            raise ValueError(f"distributed must be None or a DistributedConfig, got {distributed!r}")
+            raise ValueError(
+                f"distributed must be None or a DistributedConfig, got {distributed!r}"
+            )
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
         elif not isinstance(staleness, StalenessConfig):

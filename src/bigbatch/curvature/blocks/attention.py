@@ -44,9 +44,7 @@ class AttentionProjectionBlock(KroneckerBlock):
 
     kind = BlockKind.ATTENTION
 
-    def __init__(
-        self, name: str, role: str, weight: ParamSlice, bias: ParamSlice | None
-    ) -> None:
+    def __init__(self, name: str, role: str, weight: ParamSlice, bias: ParamSlice | None) -> None:
         super().__init__(name, weight, bias)
         self.role = role
 
@@ -108,9 +106,7 @@ class MultiheadAttentionBlocks:
         if not AVAILABLE:
             return Refusal("capturing MultiheadAttention needs torch.overrides.redispatch_function")
         found = cls(name, module)
-        return Claim(
-            list(found.blocks), [found], (module.out_proj,), tuple(found.unsupported)
-        )
+        return Claim(list(found.blocks), [found], (module.out_proj,), tuple(found.unsupported))
 
     # ------------------------------------------------------------------ capture
     def install(self, recorder: Recorder) -> list[RemovableHandle]:

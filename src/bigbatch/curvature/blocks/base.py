@@ -50,7 +50,7 @@ __all__ = [
 class ParamSlice:
     """Rows ``[start, stop)`` (dim 0) of a parameter, or the whole of it (``stop=None``)."""
 
-    param: nn.Parameter
+    param: Tensor
     start: int = 0
     stop: int | None = None
 
@@ -179,10 +179,10 @@ class FisherBlock(ABC):
     def __init__(self, name: str, slices: Sequence[ParamSlice]) -> None:
         self.name = name
         self.slices = tuple(slices)
-        seen: dict[int, nn.Parameter] = {}
+        seen: dict[int, Tensor] = {}
         for s in self.slices:
             seen.setdefault(id(s.param), s.param)
-        self.params: tuple[nn.Parameter, ...] = tuple(seen.values())
+        self.params: tuple[Tensor, ...] = tuple(seen.values())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -150,9 +150,8 @@ class Conv2dBlock(KroneckerBlock):
     kind = BlockKind.CONV2D
 
     def __init__(self, name: str, module: nn.Conv2d, bias: bool) -> None:
-        super().__init__(
-            name, ParamSlice(module.weight), ParamSlice(module.bias) if bias else None
-        )
+        b = module.bias if bias else None
+        super().__init__(name, ParamSlice(module.weight), None if b is None else ParamSlice(b))
         self.module = module
 
     @classmethod

@@ -131,4 +131,3 @@ def same_conv2d_gram(x: Tensor, kh: int, kw: int, has_bias: bool) -> Tensor:
     out[d, :d] = col
     out[d, d] = float(n * h * w)
     return out
-

@@ -95,9 +95,7 @@ class EmbeddingBlock(FisherBlock):
 
     kind = BlockKind.EMBEDDING
 
-    def __init__(
-        self, name: str, module: nn.Embedding, heads: Sequence[nn.Module] = ()
-    ) -> None:
+    def __init__(self, name: str, module: nn.Embedding, heads: Sequence[nn.Module] = ()) -> None:
         super().__init__(name, (ParamSlice(module.weight),))
         self.module = module
         self.heads = tuple(heads)

@@ -35,7 +35,7 @@ from bigbatch.curvature.linalg import kron_damping
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["KroneckerBlock", "gram_with_ones", "grad_sum", "input_sum"]
+__all__ = ["KroneckerBlock", "grad_sum", "gram_with_ones", "input_sum"]
 
 
 def gram_with_ones(a: Tensor, has_bias: bool) -> Tensor:
@@ -135,7 +135,8 @@ class KroneckerBlock(FisherBlock):
                 total, rows = grad_sum(gy.detach(), approx, sample_dim)
                 sums.add(Factor.G, total, rows)
 
-        return out.register_hook(hook)
+        handle: RemovableHandle = out.register_hook(hook)
+        return handle
 
     # ------------------------------------------------------------------ inversion
     def inversion_inputs(

@@ -37,12 +37,8 @@ class LinearBlock(KroneckerBlock):
 
     kind = BlockKind.LINEAR
 
-    def __init__(
-        self, name: str, module: nn.Linear, bias: bool, sample_dim: int = 0
-    ) -> None:
-        super().__init__(
-            name, ParamSlice(module.weight), ParamSlice(module.bias) if bias else None
-        )
+    def __init__(self, name: str, module: nn.Linear, bias: bool, sample_dim: int = 0) -> None:
+        super().__init__(name, ParamSlice(module.weight), ParamSlice(module.bias) if bias else None)
         self.module = module
         self.sample_dim = sample_dim
 

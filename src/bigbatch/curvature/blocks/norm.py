@@ -91,8 +91,9 @@ def layernorm_normalized_input(ln: nn.LayerNorm, x: Tensor) -> Tensor:
 def rmsnorm_normalized_input(norm: nn.Module, x: Tensor) -> Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the trailing normalised dims, as ``nn.RMSNorm``."""
     xs = to_stat(x)
-    nd = len(norm.normalized_shape)
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    nd = len(tuple(getattr(norm, "normalized_shape", ())))
+    eps_value = getattr(norm, "eps", None)
+    eps = float(eps_value) if eps_value is not None else torch.finfo(x.dtype).eps
     dims = list(range(xs.dim() - nd, xs.dim()))
     return xs * torch.rsqrt(xs.square().mean(dim=dims, keepdim=True) + eps)
 
@@ -199,13 +200,21 @@ class UnitwiseNormBlock(FisherBlock):
     def __init__(self, name: str, module: nn.Module, sample_dim: int = 0) -> None:
         weight = module.weight
         bias = getattr(module, "bias", None)
+        assert isinstance(weight, Tensor)
+        assert bias is None or isinstance(bias, Tensor)
         slices = [ParamSlice(weight)] + ([] if bias is None else [ParamSlice(bias)])
         super().__init__(name, slices)
         self.module = module
+        self.weight: Tensor = weight
+        self.bias: Tensor | None = bias
         self.with_shift = bias is not None
         self.k = 2 if self.with_shift else 1
         self.channels = int(weight.numel())
         self.batchnorm = isinstance(module, _BatchNorm)
+        #: trailing normalised dims (LayerNorm/RMSNorm); None for BatchNorm (channel dim 1)
+        self.norm_ndim: int | None = (
+            None if self.batchnorm else len(tuple(getattr(module, "normalized_shape", ())))
+        )
         self.sample_dim = 0 if self.batchnorm else sample_dim
 
     @classmethod
@@ -219,7 +228,7 @@ class UnitwiseNormBlock(FisherBlock):
         else:
             return None
         params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-        if not all(p.requires_grad for p in params):
+        if not all(isinstance(p, Tensor) and p.requires_grad for p in params):
             return Refusal("part of its parameters is frozen")
         block = cls(name, module, sample_dim)
         return Claim([block], [block])
@@ -231,36 +240,29 @@ class UnitwiseNormBlock(FisherBlock):
     def functional_weights(self) -> Mapping[Tensor, LinearUser]:
         return {}
 
-    def _x_hat(self, x: Tensor, output: Tensor) -> tuple[Tensor, int | None]:
-        module = self.module
-        bias = module.bias if self.with_shift else None
-        if self.batchnorm:
-            x_hat = normalized_from_output(output, module.weight, bias)
-            if x_hat is None:
-                assert isinstance(module, _BatchNorm)
-                x_hat = batchnorm_normalized_input(module, x)
-            return x_hat, None
-        nd = len(module.normalized_shape)
-        x_hat = normalized_from_output(output, module.weight, bias, nd)
-        if x_hat is None:
-            if isinstance(module, nn.LayerNorm):
-                x_hat = layernorm_normalized_input(module, x)
-            else:
-                x_hat = rmsnorm_normalized_input(module, x)
-        return x_hat, nd
+    def _x_hat(self, x: Tensor, output: Tensor) -> Tensor:
+        module, nd = self.module, self.norm_ndim
+        x_hat = normalized_from_output(output, self.weight, self.bias, nd)
+        if x_hat is not None:
+            return x_hat
+        if isinstance(module, _BatchNorm):
+            return batchnorm_normalized_input(module, x)
+        if isinstance(module, nn.LayerNorm):
+            return layernorm_normalized_input(module, x)
+        return rmsnorm_normalized_input(module, x)
 
     def _on_forward(self, rec: Recorder, module: nn.Module, inputs: Any, output: Any) -> None:
         if not rec.recording() or not isinstance(output, Tensor):
             return
         x = inputs[0]
         sums = rec.sums(self.name)
-        nd = None if self.batchnorm else len(module.normalized_shape)
+        nd = self.norm_ndim
         batched = x.dim() > (nd if nd is not None else 1)
         sums.saw_samples(rec.micro, int(x.shape[self.sample_dim]) if batched else 1)
         if not (rec.wants(self.name, Factor.F) and output.requires_grad):
             return
         # from the output (one pass) while this hook runs before any in-place op on it
-        x_hat, nd = self._x_hat(x, output)
+        x_hat = self._x_hat(x, output)
         if not batched:
             x_hat = x_hat.unsqueeze(0)
         channel_dims = (1,) if nd is None else tuple(range(x_hat.dim() - nd, x_hat.dim()))

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from itertools import pairwise
+from typing import Protocol, cast
 
 from torch import nn
 
@@ -163,7 +164,7 @@ def _resolve_shared(found: Discovery) -> None:
             )
     for name in dropped:
         block = found.blocks.pop(name)
-        found.capturers = [c for c in found.capturers if c is not block]
+        found.capturers = [c for c in found.capturers if cast(object, c) is not block]
 
 
 def _disjoint(pieces: list[tuple[FisherBlock, ParamSlice]]) -> bool:
@@ -171,4 +172,4 @@ def _disjoint(pieces: list[tuple[FisherBlock, ParamSlice]]) -> bool:
     if any(piece.whole for _, piece in pieces):
         return False
     ranges = sorted((piece.start, piece.stop or 0) for _, piece in pieces)
-    return all(prev[1] <= nxt[0] for prev, nxt in zip(ranges, ranges[1:], strict=False))
+    return all(prev[1] <= nxt[0] for prev, nxt in pairwise(ranges))

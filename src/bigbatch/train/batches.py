@@ -6,7 +6,14 @@ assembled sample by sample. The order is a fresh ``torch.randperm`` per epoch fr
 generator seeded by (seed, epoch), so the batch of any step can be recomputed from the
 step number alone: that is what makes a resumed run see the same data as an uninterrupted
 one. The last partial batch of an epoch is dropped, so every step sees exactly
-``batch_size`` samples. Not here: augmentation (``augment.py``), loading files (``data/``).
+``batch_size`` samples.
+
+Text (:class:`~bigbatch.train.data.text.TextDataset`): a training sample is a window of
+``context`` characters starting anywhere in the training part (:class:`TextWindows`, its
+target the same window shifted by one); an "epoch" is as many steps as cover the training
+characters once (``n_train // (batch_size * context)``), each drawing distinct random start
+positions. Validation and test are the non-overlapping windows of their parts.
+Not here: augmentation (``augment.py``), loading files (``data/``).
 """
 
 from __future__ import annotations
@@ -18,8 +25,16 @@ from torch import Tensor
 
 from bigbatch.train.config import ConfigError
 from bigbatch.train.data import ImageDataset
+from bigbatch.train.data.text import TextDataset
 
-__all__ = ["BatchOrder", "Split", "derive_seed", "prepare_splits"]
+__all__ = [
+    "BatchOrder",
+    "Split",
+    "TextWindows",
+    "derive_seed",
+    "prepare_splits",
+    "prepare_text",
+]
 
 #: The validation split does not depend on the run's seed, so every run of a comparison
 #: holds out the same images.
@@ -35,6 +50,52 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def take(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of the samples ``idx``."""
+        return self.x[idx], self.y[idx]
+
+
+@dataclass(frozen=True)
+class TextWindows:
+    """Every window of ``context`` tokens of a text, as samples (targets shifted by one)."""
+
+    tokens: Tensor
+    context: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel()) - self.context
+
+    def take(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        offsets = idx[:, None] + torch.arange(self.context + 1, device=idx.device)
+        window = self.tokens[offsets]
+        return window[:, :-1], window[:, 1:]
+
+
+def _windows(tokens: Tensor, context: int, device: torch.device) -> Split:
+    """The non-overlapping windows of ``tokens`` (targets shifted by one) as a split."""
+    n = (int(tokens.numel()) - 1) // context
+    x = tokens[: n * context].reshape(n, context)
+    y = tokens[1 : n * context + 1].reshape(n, context)
+    return Split(x.to(device), y.to(device))
+
+
+def prepare_text(
+    dataset: TextDataset, context: int, device: torch.device
+) -> tuple[TextWindows, Split, Split]:
+    """(training windows, validation windows, test windows) of a text."""
+    for split in ("validation", "test"):
+        if dataset.part(split).numel() <= context:
+            raise ConfigError(
+                f"data.context ({context}) must be shorter than the {split} part of "
+                f"{dataset.source} ({dataset.part(split).numel()} characters)"
+            )
+    train = TextWindows(dataset.part("train").to(device), context)
+    return (
+        train,
+        _windows(dataset.part("validation"), context, device),
+        _windows(dataset.part("test"), context, device),
+    )
 
 
 def derive_seed(*parts: int) -> int:
@@ -82,13 +143,18 @@ def prepare_splits(
 class BatchOrder:
     """Indices of the global batch of each step: one seeded permutation per epoch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, steps_per_epoch: int | None = None
+    ) -> None:
         if batch_size > n:
             raise ConfigError(
-                f"train.batch_size ({batch_size}) is larger than the training set ({n} images)"
+                f"train.batch_size ({batch_size}) is larger than the training set ({n} samples)"
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = n // batch_size
+        full = n // batch_size
+        self.steps_per_epoch = (
+            full if steps_per_epoch is None else max(1, min(steps_per_epoch, full))
+        )
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bigbatch.train.checkpoint import CheckpointError, resumable_step
 from bigbatch.train.config import Config, ConfigError, load_config
-from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
+from bigbatch.train.data import DATASET_NAMES, Dataset, DatasetError, TextDataset, load_dataset
 from bigbatch.train.dist_env import (
     RESTART_ENV,
     TIMEOUT_ENV,
@@ -171,7 +171,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def _load(cfg: Config) -> ImageDataset:
+def _load(cfg: Config) -> Dataset:
     d = cfg.data
     try:
         return load_dataset(d.name, d.data_dir, download=d.download, cache_dir=d.cache_dir)
@@ -276,14 +276,15 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             return _launch(args.nproc, arguments, args.max_restarts)
         ctx = init_from_env(cfg.train.device)
         _check_world(args.command, cfg, ctx.world_size)
-        loaded: list[ImageDataset] = []
+        loaded: list[Dataset] = []
         # rank 0 loads (and downloads) first; its error reaches every rank
         from_main(ctx, lambda: loaded.append(_load(cfg)))
         dataset = loaded[0] if loaded else _load(cfg)
-        _say(
-            f"data: {dataset.name} from {dataset.source} "
-            f"({len(dataset.train_y)} train / {len(dataset.test_y)} test images)"
-        )
+        if isinstance(dataset, TextDataset):
+            sizes = f"{dataset.tokens.numel():,} characters, vocabulary {dataset.num_classes}"
+        else:
+            sizes = f"{len(dataset.train_y)} train / {len(dataset.test_y)} test images"
+        _say(f"data: {dataset.name} from {dataset.source} ({sizes})")
         launch, resume = (
             (None, True) if args.resume else _after_restart(ctx, args.command, args.out)
         )
@@ -328,7 +329,7 @@ def _after_restart(ctx: DistContext, command: str, out: Path) -> tuple[str | Non
 def _run(
     command: str,
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     out: Path,
     resume: bool,
     line: str,

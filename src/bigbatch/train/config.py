@@ -61,13 +61,22 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     #: Images held out of the training set (a fixed seeded choice) to pick learning rates
     #: on; None = min(5000, a tenth of the training set); 0 = none, and learning rates are
-    #: then picked on the test set (reports say so).
+    #: then picked on the test set (reports say so). Text has a fixed validation part.
     validation_size: int | None = Field(default=None, ge=0)
+    #: Text (``name = "text"``, ``data_dir`` the file): characters per training window.
+    context: int = Field(default=128, gt=0)
 
 
 class ModelConfig(_Section):
+    """The network; ``depth``/``heads``/``attention``/``dropout`` are the language model's."""
+
     name: str = "cnn"
     width: int | None = Field(default=None, gt=0)
+    depth: int = Field(default=2, gt=0)
+    heads: int = Field(default=4, gt=0)
+    #: "mha": nn.TransformerEncoderLayer blocks; "linear": nn.Linear projections + SDPA
+    attention: Literal["mha", "linear"] = "mha"
+    dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class OptimizerConfig(_Section):

@@ -27,6 +27,8 @@ def _sums(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, T
     for start in range(0, int(y.shape[0]), chunk):
         xs, ys = x[start : start + chunk], y[start : start + chunk]
         logits = model(xs).float()
+        if logits.dim() > 2:  # a language model: every position is a prediction
+            logits, ys = logits.reshape(-1, logits.shape[-1]), ys.reshape(-1)
         loss_sum += F.cross_entropy(logits, ys, reduction="sum").double()
         correct += (logits.argmax(dim=1) == ys).sum()
     return loss_sum, correct
@@ -36,7 +38,8 @@ def _sums(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, T
 def evaluate(
     model: nn.Module, split: Split, chunk: int = 4096, *, dist: DistContext | None = None
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode; restores its mode after."""
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode, per sample (per token for a
+    language model's ``(N, T)`` targets); restores its mode after."""
     was_training = model.training
     model.eval()
     try:
@@ -50,5 +53,5 @@ def evaluate(
             loss_sum, correct = both[0], both[1].round().long()
     finally:
         model.train(was_training)
-    n = max(len(split), 1)
+    n = max(int(split.y.numel()), 1)  # samples, or tokens of a language model
     return float(loss_sum) / n, int(correct) / n

@@ -21,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bigbatch.train.batches import Split, prepare_splits
+from bigbatch.train.batches import Split, TextWindows, prepare_splits, prepare_text
 from bigbatch.train.checkpoint import resumable_step
 from bigbatch.train.config import Config, OptimizerConfig
-from bigbatch.train.data import ImageDataset
+from bigbatch.train.data import Dataset, TextDataset
 from bigbatch.train.dist_env import (
     check_distributed,
     context,
@@ -101,14 +102,14 @@ def _score(run: RunResult, select_by: str) -> float:
 
 def run_grid(
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     out_dir: Path,
     optimizer: str,
     batch_size: int,
     lrs: tuple[float, ...],
     *,
     resume: bool,
-    splits: tuple[Split, Split | None, Split],
+    splits: tuple[Split | TextWindows, Split | None, Split],
     say: Say,
     launch: str | None = None,
 ) -> Choice:
@@ -169,7 +170,7 @@ def _check_names(cfg: Config) -> None:
 
 def _run_plan(
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     out_dir: Path,
     plan: list[tuple[str, int, tuple[float, ...]]],
     *,
@@ -179,7 +180,11 @@ def _run_plan(
 ) -> list[Choice]:
     """One grid per (optimizer, batch size, lrs) of ``plan``, on splits prepared once."""
     _check_world(cfg, sorted({batch for _, batch, _ in plan}))
-    splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
+    splits: Any
+    if isinstance(dataset, TextDataset):
+        splits = prepare_text(dataset, cfg.data.context, _device(cfg))
+    else:
+        splits = prepare_splits(dataset, cfg.data.validation_size, _device(cfg))
     return [
         run_grid(
             cfg,
@@ -199,7 +204,7 @@ def _run_plan(
 
 def run_compare(
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     out_dir: Path,
     *,
     resume: bool,
@@ -221,7 +226,7 @@ def run_compare(
 
 def run_sweep(
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     out_dir: Path,
     *,
     resume: bool,

@@ -57,10 +57,18 @@ from tqdm import tqdm
 from bigbatch.distributed import DistributedConfig
 from bigbatch.optim import NLCG, SPNGD
 from bigbatch.train.augment import random_crop_flip, random_erasing
-from bigbatch.train.batches import BatchOrder, Split, derive_seed, prepare_splits
+from bigbatch.train.batches import (
+    BatchOrder,
+    Split,
+    TextWindows,
+    derive_seed,
+    prepare_splits,
+    prepare_text,
+)
 from bigbatch.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bigbatch.train.config import Config, ConfigError, OptimizerConfig
 from bigbatch.train.data import ImageDataset
+from bigbatch.train.data.text import TextDataset
 from bigbatch.train.dist_env import (
     all_reduce_sum,
     barrier,
@@ -159,11 +167,11 @@ class TrainingRun:
     def __init__(
         self,
         cfg: Config,
-        dataset: ImageDataset,
+        dataset: ImageDataset | TextDataset,
         run_dir: str | Path,
         *,
         name: str | None = None,
-        splits: tuple[Split, Split | None, Split] | None = None,
+        splits: tuple[Split | TextWindows, Split | None, Split] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -180,26 +188,48 @@ class TrainingRun:
         self.device = local_device(resolve_device(t.device), self.dist)
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        self.train, self.val, self.test = splits or prepare_splits(
-            dataset, cfg.data.validation_size, self.device
-        )
+        self.text = isinstance(dataset, TextDataset)
+        if isinstance(dataset, TextDataset):
+            _check_text_config(cfg)
+            self.train, self.val, self.test = splits or prepare_text(
+                dataset, cfg.data.context, self.device
+            )
+            epoch = dataset.part("train").numel() // (t.batch_size * cfg.data.context)
+            self.order = BatchOrder(len(self.train), t.batch_size, t.seed, max(1, epoch))
+        else:
+            self.train, self.val, self.test = splits or prepare_splits(
+                dataset, cfg.data.validation_size, self.device
+            )
+            self.order = BatchOrder(len(self.train), t.batch_size, t.seed)
         self.num_classes = dataset.num_classes
-        self.order = BatchOrder(len(self.train), t.batch_size, t.seed)
         spe = self.order.steps_per_epoch
         self.total_steps = max(1, round(t.epochs * spe))
         self.eval_every = t.eval_every or spe
         torch.manual_seed(t.seed)
-        channels, size, _ = dataset.input_shape
+        m = cfg.model
         try:
-            model = build_model(
-                cfg.model.name,
-                in_channels=channels,
-                image_size=size,
-                num_classes=dataset.num_classes,
-                width=cfg.model.width,
-            )
+            if isinstance(dataset, TextDataset):
+                model = build_model(
+                    m.name,
+                    num_classes=dataset.num_classes,
+                    width=m.width,
+                    context=cfg.data.context,
+                    depth=m.depth,
+                    heads=m.heads,
+                    attention=m.attention,
+                    dropout=m.dropout,
+                )
+            else:
+                channels, size, _ = dataset.input_shape
+                model = build_model(
+                    m.name,
+                    in_channels=channels,
+                    image_size=size,
+                    num_classes=dataset.num_classes,
+                    width=m.width,
+                )
         except ValueError as exc:
-            raise ConfigError(f"model.name={cfg.model.name!r}: {exc}") from None
+            raise ConfigError(f"model.name={m.name!r}: {exc}") from None
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
         self.curvature_dist = self.dist.enabled and self.spec.uses_curvature
@@ -257,7 +287,7 @@ class TrainingRun:
             return batch
         if m > 0:
             return m
-        probe = self.train.x[:8], self.train.y[:8]
+        probe = self.train.take(torch.arange(8, device=self.device))
         chosen = auto_micro_batch(self.model, probe[0], probe[1], batch)
         if self.dist.enabled:  # the smallest choice of all ranks (a divisor of the share)
             value = torch.tensor([chosen], dtype=torch.float64, device=self.dist.comm_device)
@@ -285,7 +315,7 @@ class TrainingRun:
             start, stop = self.dist.shard(idx.shape[0])
             idx = idx[start:stop]
         idx = idx.to(self.device)
-        x, y = self.train.x[idx], self.train.y[idx]
+        x, y = self.train.take(idx)
         r = self.cfg.recipe
         gen = torch.Generator(device=self.device).manual_seed(self._seed(step, 1))
         if r.crop_padding or r.flip:
@@ -301,6 +331,8 @@ class TrainingRun:
 
     @staticmethod
     def _loss(logits: Tensor, target: Tensor) -> Tensor:
+        if logits.dim() > 2 and target.dtype == torch.long:  # a language model: every token
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         if target.dtype == torch.long:
             return F.cross_entropy(logits.float(), target)
         loss: Tensor = soft_cross_entropy(logits.float(), target)
@@ -554,6 +586,20 @@ class TrainingRun:
             (self.run_dir / "summary.json").write_text(_json(summary))
         barrier(self.dist)
         return result
+
+
+_IMAGE_RECIPES = ("label_smoothing", "mixup_alpha", "crop_padding", "flip", "random_erasing")
+
+
+def _check_text_config(cfg: Config) -> None:
+    """Refuse what a character-level language model cannot use (named)."""
+    if cfg.model.name != "gpt":
+        raise ConfigError(f"model.name={cfg.model.name!r}: the text dataset trains model.name=gpt")
+    for key in _IMAGE_RECIPES:
+        if getattr(cfg.recipe, key):
+            raise ConfigError(f"recipe.{key} applies to image datasets, not to text")
+    if cfg.optimizer.options.get("fisher") == "mc":
+        raise ConfigError("optimizer.options.fisher='mc' is for image classifiers here")
 
 
 def _once_per_ctrl_c(handler: Any) -> Callable[[int, FrameType | None], None]:

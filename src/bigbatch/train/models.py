@@ -33,6 +33,8 @@ Models (``MODEL_NAMES``), for ``in_channels x image_size x image_size`` inputs:
   blocks stride-2 subsampling with the new channels zero-padded, so shortcuts have no
   parameters. With 3 input channels and 10 classes that gives 269,722 / 464,154 / 853,018
   parameters (the paper's 0.27M / 0.46M / 0.85M). Needs ``image_size >= 8``.
+- ``"gpt"``: the causal transformer language model of :mod:`bigbatch.train.lm` for text
+  (``num_classes`` = vocabulary, ``context`` = window length; width default 128).
 
 Initialisation: Kaiming normal (fan-out for convs, fan-in for linears, ReLU gain), biases zero,
 BatchNorm weight 1 and bias 0. Seed the global generator (``torch.manual_seed``) before
@@ -44,6 +46,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bigbatch.train.lm import CausalLM
+
 __all__ = [
     "MODEL_NAMES",
     "BasicBlock",
@@ -53,11 +57,18 @@ __all__ = [
     "count_parameters",
 ]
 
-MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
+MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "gpt")
 
 _RESNET_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
-_DEFAULT_WIDTH = {"mlp": 512, "cnn": 16, "resnet20": 16, "resnet32": 16, "resnet56": 16}
-_MIN_IMAGE_SIZE = {"mlp": 1, "cnn": 8, "resnet20": 8, "resnet32": 8, "resnet56": 8}
+_DEFAULT_WIDTH = {
+    "mlp": 512,
+    "cnn": 16,
+    "resnet20": 16,
+    "resnet32": 16,
+    "resnet56": 16,
+    "gpt": 128,
+}
+_MIN_IMAGE_SIZE = {"mlp": 1, "cnn": 8, "resnet20": 8, "resnet32": 8, "resnet56": 8, "gpt": 1}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -196,7 +207,17 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
 
 
 def build_model(
-    name: str, *, in_channels: int, image_size: int, num_classes: int, width: int | None = None
+    name: str,
+    *,
+    in_channels: int = 1,
+    image_size: int = 1,
+    num_classes: int,
+    width: int | None = None,
+    context: int | None = None,
+    depth: int = 2,
+    heads: int = 4,
+    attention: str = "mha",
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Build the model ``name`` (one of :data:`MODEL_NAMES`) for square images.
 
@@ -206,7 +227,9 @@ def build_model(
         image_size: image height = width (at least 8 for the conv models).
         num_classes: outputs of the linear head (at least 2).
         width: hidden units of the MLP (default 512), first-layer channels of the CNN and
-            ResNets (default 16; later stages use 2x and 4x). ``None`` takes the default.
+            ResNets (default 16; later stages use 2x and 4x), the language model's width
+            (default 128). ``None`` takes the default.
+        context, depth, heads, attention, dropout: the language model's (``"gpt"``).
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid ones) or an invalid size,
@@ -220,6 +243,18 @@ def build_model(
     if width is None:
         width = _DEFAULT_WIDTH[name]
     _check_positive_int("width", width)
+    if name == "gpt":
+        if context is None:
+            raise ValueError("the gpt model needs a context (tokens per window)")
+        return CausalLM(
+            num_classes,
+            context,
+            width=width,
+            depth=depth,
+            heads=heads,
+            attention=attention,
+            dropout=dropout,
+        )
     if name == "mlp":
         return _mlp(in_channels * image_size * image_size, width, num_classes)
     if name == "cnn":

@@ -20,7 +20,7 @@ import torch
 
 from bigbatch.train.batches import validation_count
 from bigbatch.train.config import Config
-from bigbatch.train.data import ImageDataset
+from bigbatch.train.data import Dataset, TextDataset
 from bigbatch.train.experiments import Choice
 from bigbatch.train.optimizers import optimizer_spec
 from bigbatch.train.plots import plot_accuracy, plot_scaling
@@ -91,8 +91,13 @@ def _cpu_model() -> str:
     return f"{platform.machine()} {platform.processor()}".strip()
 
 
-def _context(cfg: Config, command: str, dataset: ImageDataset) -> dict[str, Any]:
-    held_out = validation_count(cfg.data.validation_size, len(dataset.train_y))
+def _context(cfg: Config, command: str, dataset: Dataset) -> dict[str, Any]:
+    if isinstance(dataset, TextDataset):
+        held_out = dataset.val_end - dataset.train_end
+        held = f"the text's validation part, {held_out} characters, not trained on"
+    else:
+        held_out = validation_count(cfg.data.validation_size, len(dataset.train_y))
+        held = f"{held_out} training images held out, not trained on"
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -106,8 +111,7 @@ def _context(cfg: Config, command: str, dataset: ImageDataset) -> dict[str, Any]
         "model": cfg.model.name,
         "epochs": cfg.train.epochs,
         "selection": (
-            "learning rate chosen by last validation accuracy "
-            f"({held_out} training images held out, not trained on)"
+            f"learning rate chosen by last validation accuracy ({held})"
             if cfg.compare.select_by == "validation" and held_out
             else "learning rate chosen by last TEST accuracy (no validation split)"
         ),
@@ -121,7 +125,7 @@ def _header(title: str, ctx: dict[str, Any]) -> str:
 
 
 def write_compare(
-    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: ImageDataset
+    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: Dataset
 ) -> tuple[Path, Path, str]:
     """Write results.md, results.json and accuracy.png; return (table, plot, table text)."""
     target = cfg.train.target_accuracy
@@ -160,7 +164,7 @@ def write_compare(
 
 
 def write_sweep(
-    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: ImageDataset
+    choices: Sequence[Choice], cfg: Config, out_dir: Path, *, command: str, dataset: Dataset
 ) -> tuple[Path, Path, str]:
     target = cfg.train.target_accuracy
     table = sweep_table(choices, target)

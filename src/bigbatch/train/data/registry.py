@@ -19,12 +19,21 @@ from bigbatch.train.data import cifar_pickle, digits, idx, image_folder
 from bigbatch.train.data.base import DatasetError, ImageDataset
 from bigbatch.train.data.cache import file_stamps, load_cached
 from bigbatch.train.data.sources import missing_message, search_dirs, system_dir, user_dir
+from bigbatch.train.data.text import TextDataset, load_text
 
 __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "image-folder", "digits")
+DATASET_NAMES = (
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "image-folder",
+    "digits",
+    "text",
+)
 CIFAR10_JPEG = "cifar10-jpeg"
 CIFAR10_CLASSES = (
     "airplane",
@@ -46,13 +55,14 @@ def load_dataset(
     *,
     download: bool = False,
     cache_dir: str | Path | None = None,
-) -> ImageDataset:
+) -> ImageDataset | TextDataset:
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) into memory.
 
     Args:
-        name: the dataset; ``"image-folder"`` needs ``data_dir``.
+        name: the dataset; ``"image-folder"`` and ``"text"`` need ``data_dir``.
         data_dir: searched first (the files directly or in ``data_dir/<name>/``); the
-            download target when given. For ``"image-folder"``: the folder or archive.
+            download target when given. For ``"image-folder"``: the folder or archive;
+            for ``"text"``: the UTF-8 text file (plain or ``.gz``).
         download: fetch the official files (checksum-verified) when no copy is found.
         cache_dir: where decoded arrays are cached (default ``~/.cache/bigbatch/decoded``).
     Raises:
@@ -66,6 +76,13 @@ def load_dataset(
         return _load_idx(idx.SPECS[key], data_dir, download, cache_dir)
     if key in cifar_pickle.SPECS:
         return _load_cifar(cifar_pickle.SPECS[key], data_dir, download, cache_dir)
+    if key == "text":
+        if data_dir is None:
+            raise DatasetError(
+                "the 'text' dataset needs data_dir (--data-dir): a UTF-8 text file, plain or "
+                ".gz (for example the KJV Bible: apt-get install bible-kjv bible-kjv-text)"
+            )
+        return load_text(data_dir)
     if key == "image-folder":
         if data_dir is None:
             raise DatasetError(

@@ -563,3 +563,42 @@ def test_embedding_and_layernorm_blocks_train_a_sequence_model() -> None:
     want = torch.linalg.solve(g + dg * torch.eye(6, dtype=torch.float64), grad.T).T
     want = want / (a + da)[:, None]
     torch.testing.assert_close(got, want)
+
+
+def test_foreign_or_damaged_curvature_state_is_refused_and_nothing_changes() -> None:
+    """A state from a model with other layer sizes, or with a NaN statistic, is refused
+    with a message naming the statistic; the optimizer's own state is untouched and it
+    keeps training."""
+    torch.manual_seed(0)
+
+    def make(hidden: int) -> tuple[nn.Module, SPNGD]:
+        model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+        return model, SPNGD(model, lr=0.1, staleness=False)
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def train(model: nn.Module, opt: SPNGD) -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    other, other_opt = make(6)
+    train(other, other_opt)
+    model, opt = make(5)
+    train(model, opt)
+    before = {k: v.clone() for k, v in opt.engine.stats.items()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"'G' of '0' has shape \(6, 6\), this model's is \(5, 5\)"
+    ):
+        opt.load_state_dict(other_opt.state_dict())
+    damaged = opt.state_dict()
+    damaged["curvature"]["stats"]["0"]["G"] = torch.full((5, 5), float("nan"))
+    with pytest.raises(ValueError, match="statistic 'G' of '0' is not finite"):
+        opt.load_state_dict(damaged)
+    for k, v in before.items():
+        assert torch.equal(opt.engine.stats[k], v)
+    for p, m in zip(model.parameters(), momentum, strict=True):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)
+    train(model, opt)  # still usable
+    assert opt.engine.step == 2

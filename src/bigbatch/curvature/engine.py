@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from bigbatch.curvature.blocks.base import FisherBlock
 from bigbatch.curvature.blocks.embedding import EmbeddingBlock
 from bigbatch.curvature.capture import CurvatureCapture
-from bigbatch.curvature.keys import KFACApprox, StatKey, nest, unnest
+from bigbatch.curvature.keys import Factor, KFACApprox, StatKey, nest, unnest
 from bigbatch.curvature.linalg import DampedInverter, InversionConfig, InversionError
 from bigbatch.curvature.staleness import RefreshSchedule, StalenessConfig
 from bigbatch.curvature.strategy import (
@@ -35,12 +36,25 @@ from bigbatch.curvature.strategy import (
     StepOutcome,
 )
 
-__all__ = ["STATE_FORMAT", "KFACEngine", "RefreshReport"]
+__all__ = ["STATE_FORMAT", "KFACEngine", "ParsedState", "RefreshReport"]
 
 #: version of :meth:`KFACEngine.state_dict`'s layout (bigbatch 0.2: keyed by block)
 STATE_FORMAT = 2
 
 DampingOf = Callable[[FisherBlock], float]
+
+
+@dataclass
+class ParsedState:
+    """A validated curvature state, ready to replace the engine's (see ``parse_state``)."""
+
+    step: int
+    tied: set[str]
+    stats: dict[StatKey, Tensor]
+    inverses: dict[str, dict[str, Tensor]]
+    damping_used: dict[str, float]
+    schedule: RefreshSchedule
+    inverter: DampedInverter
 
 
 def _nest_slots(flat: Mapping[Hashable, Any]) -> dict[str, dict[str, Any]]:
@@ -293,61 +307,93 @@ class KFACEngine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; validated before anything is replaced."""
+        self.apply_state(self.parse_state(state))
+
+    def parse_state(self, state: Mapping[str, Any]) -> ParsedState:
+        """Validate a curvature state against this model without changing anything; a
+        ``ValueError`` names what does not fit."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(
                 "curvature state has another layout (saved by bigbatch < 0.2?); it cannot be "
                 "restored: start the optimizer's curvature afresh"
             )
-        for name in state.get("tied", []):
+        try:
+            tied = {str(n) for n in state.get("tied", [])}
+            stats = unnest(state["stats"], "stats")
+            self._check_stats(stats, tied)
+            sched = state["schedule"]
+            schedule = RefreshSchedule(self.schedule.config)
+            schedule.load_state_dict(
+                {
+                    "intervals": unnest(sched["intervals"], "schedule.intervals"),
+                    "next_due": unnest(sched["next_due"], "schedule.next_due"),
+                    "measured": unnest(sched["measured"], "schedule.measured"),
+                    "refreshed": sched["refreshed"],
+                    "total": sched["total"],
+                }
+            )
+            owns = self.strategy.owns
+            inverses = {b: dict(v) for b, v in state["inverses"].items() if owns(b)}
+            for block, slots in inverses.items():
+                if block not in self.blocks:
+                    raise ValueError(f"curvature state has inverses of unknown block {block!r}")
+                for slot, t in slots.items():
+                    if not isinstance(t, Tensor) or not bool(torch.isfinite(t).all()):
+                        raise ValueError(
+                            f"curvature state: inverse {block!r}/{slot!r} is not a finite tensor"
+                        )
+            inverter = DampedInverter(self.inverter.config)
+            inverter.load_state_dict(
+                {
+                    part: {
+                        k: v
+                        for k, v in _unnest_slots(state["inverter"][part]).items()
+                        if owns(cast(tuple[str, str], k)[0])
+                    }
+                    for part in ("inverses", "failures")
+                }
+            )
+            step = state["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"curvature state: step must be an int >= 0, got {step!r}")
+            damping = {k: float(v) for k, v in state["damping_used"].items() if owns(k)}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"curvature state is malformed: {exc!r}") from None
+        return ParsedState(
+            step=step,
+            tied=tied,
+            stats={k: v for k, v in stats.items() if owns(k[0])},
+            inverses=inverses,
+            damping_used=damping,
+            schedule=schedule,
+            inverter=inverter,
+        )
+
+    def apply_state(self, parsed: ParsedState) -> None:
+        """Replace the engine's state by a :meth:`parse_state` result."""
+        for name in parsed.tied:
             block = self.blocks.get(name)
             if isinstance(block, EmbeddingBlock):
                 block.tied = True
-        stats = unnest(state["stats"], "stats")
-        self._check_stats(stats)
-        sched = state["schedule"]
-        schedule_state = {
-            "intervals": unnest(sched["intervals"], "schedule.intervals"),
-            "next_due": unnest(sched["next_due"], "schedule.next_due"),
-            "measured": unnest(sched["measured"], "schedule.measured"),
-            "refreshed": sched["refreshed"],
-            "total": sched["total"],
-        }
-        owned = {k: v for k, v in stats.items() if self.strategy.owns(k[0])}
-        inverses = {b: dict(v) for b, v in state["inverses"].items() if self.strategy.owns(b)}
-        for block, slots in inverses.items():
-            if block not in self.blocks:
-                raise ValueError(f"curvature state has inverses of unknown block {block!r}")
-            for slot, t in slots.items():
-                if not isinstance(t, Tensor) or not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"curvature state: inverse {block!r}/{slot!r} is not finite")
-        inverter = {
-            "inverses": {
-                k: v
-                for k, v in _unnest_slots(state["inverter"]["inverses"]).items()
-                if self.strategy.owns(cast(tuple[str, str], k)[0])
-            },
-            "failures": {
-                k: v
-                for k, v in _unnest_slots(state["inverter"]["failures"]).items()
-                if self.strategy.owns(cast(tuple[str, str], k)[0])
-            },
-        }
-        self.inverter.load_state_dict(inverter)
-        self.schedule.load_state_dict(schedule_state)
+        self.inverter = parsed.inverter
+        self.schedule = parsed.schedule
         self.schedule.register(self.capture.stat_keys())
-        self.step = int(state["step"])
-        self.stats = {k: v.clone() for k, v in owned.items()}
-        self.inverses = {b: {s: t.clone() for s, t in v.items()} for b, v in inverses.items()}
-        self.damping_used = {
-            k: float(v) for k, v in state["damping_used"].items() if self.strategy.owns(k)
+        self.step = parsed.step
+        self.stats = {k: v.clone() for k, v in parsed.stats.items()}
+        self.inverses = {
+            b: {s: t.clone() for s, t in v.items()} for b, v in parsed.inverses.items()
         }
+        self.damping_used = dict(parsed.damping_used)
         self._stack_cache.clear()
         self.capture.arm(self._due(self.step))
 
-    def _check_stats(self, stats: Mapping[StatKey, Any]) -> None:
+    def _check_stats(self, stats: Mapping[StatKey, Any], tied: set[str]) -> None:
         for (name, factor), value in stats.items():
             block = self.blocks.get(name)
-            if block is None or factor not in block.factors():
+            factors = () if block is None else block.factors()
+            if isinstance(block, EmbeddingBlock) and name in tied:
+                factors = (Factor.A, Factor.G, Factor.HEAD_A, Factor.HEAD_G)
+            if block is None or factor not in factors:
                 raise ValueError(
                     f"curvature state has statistic {factor.value!r} of unknown block {name!r} "
                     f"(this model's blocks: {sorted(self.blocks)[:8]}...)"

@@ -325,6 +325,7 @@ class SPNGD(Optimizer):
             raise ValueError(
                 "SPNGD state_dict has no 'curvature' entry (saved by another optimizer?)"
             )
+        parsed = self.engine.parse_state(curvature)  # validated before anything changes
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # super() casts state to each parameter's dtype; momentum stays float32 for bf16/fp16
@@ -334,7 +335,7 @@ class SPNGD(Optimizer):
             buf = saved_state.get(i, {}).get("momentum_buffer")
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf.to(p.device, _state_dtype(p), copy=True)
-        self.engine.load_state_dict(curvature)
+        self.engine.apply_state(parsed)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
     @property

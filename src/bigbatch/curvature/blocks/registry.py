@@ -103,8 +103,9 @@ def _trainable(module: nn.Module, label: str) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-def discover(model: nn.Module, types: Sequence[type[BlockType]] = BLOCK_TYPES) -> Discovery:
-    """Ask every kind about every module of ``model`` (see the module docstring)."""
+def discover(model: nn.Module, types: Sequence[type[BlockType]] | None = None) -> Discovery:
+    """Ask every kind (default: :data:`BLOCK_TYPES`) about every module of ``model``."""
+    types = BLOCK_TYPES if types is None else types
     found = Discovery()
     sample_dims = _sample_dims(model)
     consumed: set[int] = set()

@@ -15,8 +15,8 @@ from bigbatch.train.batches import prepare_text
 from bigbatch.train.config import ConfigError, config_from_mapping
 from bigbatch.train.data import DatasetError, TextDataset, load_dataset
 from bigbatch.train.data.text import load_text
-from bigbatch.train.loop import TrainingRun
 from bigbatch.train.lm import CausalLM
+from bigbatch.train.loop import TrainingRun
 
 KJV = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv" / "kjv.txt.gz"
 
@@ -56,7 +56,7 @@ def test_bad_text_files_are_named(tmp_path: Path) -> None:
         load_dataset("text")
     truncated = tmp_path / "cut.txt.gz"
     truncated.write_bytes(gzip.compress(b"x" * 5000)[:-12])
-    with pytest.raises(DatasetError, match="cut.txt.gz: cannot be read"):
+    with pytest.raises(DatasetError, match=r"cut\.txt\.gz: cannot be read"):
         load_text(truncated)
 
 
@@ -75,7 +75,7 @@ def test_training_windows_come_from_the_training_part_only(tmp_path: Path) -> No
     assert torch.equal(val.x.reshape(-1), part[: val.x.numel()])
     assert torch.equal(val.y.reshape(-1), part[1 : val.x.numel() + 1])
     assert torch.equal(test.x[0], ds.part("test")[:16])
-    with pytest.raises(ConfigError, match="data.context"):
+    with pytest.raises(ConfigError, match=r"data\.context"):
         prepare_text(ds, 400, torch.device("cpu"))
 
 
@@ -119,7 +119,8 @@ def _lm_config(tmp_path: Path, optimizer: str, lr: float, **train: object) -> ob
 def kjv() -> TextDataset:
     ds = load_dataset("text", KJV)
     assert isinstance(ds, TextDataset)
-    assert ds.num_classes == 73 and ds.tokens.numel() == 4_298_239  # the README's figures
+    assert ds.num_classes == 73  # the data README's figures
+    assert ds.tokens.numel() == 4_298_239
     return ds
 
 
@@ -146,13 +147,13 @@ def test_training_on_kjv_lowers_the_validation_loss_and_resumes_exactly(
 
 def test_image_only_settings_are_refused_for_text(kjv: TextDataset, tmp_path: Path) -> None:
     cfg = _lm_config(tmp_path, "adamw", 1e-3)
-    with pytest.raises(ConfigError, match="recipe.mixup_alpha applies to image datasets"):
+    with pytest.raises(ConfigError, match=r"recipe\.mixup_alpha applies to image datasets"):
         TrainingRun(
             cfg.model_copy(update={"recipe": cfg.recipe.model_copy(update={"mixup_alpha": 0.2})}),
             kjv,
             tmp_path / "a",
         )  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="the text dataset trains model.name=gpt"):
+    with pytest.raises(ConfigError, match=r"the text dataset trains model\.name=gpt"):
         TrainingRun(
             cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": "cnn"})}),
             kjv,

@@ -533,6 +533,7 @@ def test_unknown_name() -> None:
         "cifar100",
         "image-folder",
         "digits",
+        "text",
     )
 
 

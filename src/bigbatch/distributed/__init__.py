@@ -12,6 +12,7 @@ from __future__ import annotations
 from bigbatch.distributed.assignment import assign_owners, block_cost, loads
 from bigbatch.distributed.comm import ByteCounter, Communicator
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.data_parallel import RanksDivergedError
 from bigbatch.distributed.kfac_sync import DistributedCurvature
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Communicator",
     "DistributedConfig",
     "DistributedCurvature",
+    "RanksDivergedError",
     "assign_owners",
     "block_cost",
     "loads",

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bigbatch.curvature.blocks.base import FactorValue
 from bigbatch.curvature.keys import StatKey
 from bigbatch.curvature.strategy import (
     CurvatureStrategy,
@@ -55,6 +56,7 @@ from bigbatch.distributed.comm import (
     unpack_symmetric,
 )
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.data_parallel import GradientAgreement
 
 __all__ = ["DistributedCurvature"]
 
@@ -68,12 +70,17 @@ def _packed_numel(shape: tuple[int, ...], symmetric: bool) -> int:
 class DistributedCurvature(CurvatureStrategy):
     """Runs the distributed step for one engine (see the module docstring)."""
 
-    def __init__(self, config: DistributedConfig) -> None:
+    def __init__(self, config: DistributedConfig, averaged: bool | None = None) -> None:
+        """``averaged``: whether the gradients arrive averaged over the ranks already
+        (``DistributedDataParallel``); ``None`` decides at the first step, by comparing a
+        checksum of every rank's gradients (:class:`GradientAgreement`)."""
         if not isinstance(config, DistributedConfig):
             raise ValueError(f"distributed must be a DistributedConfig, got {config!r}")
         self.config = config
         self.comm = Communicator(config.group)
         self.hybrid = config.mode == "hybrid"
+        self.agreement = GradientAgreement(config.group if config.group is not None else None)
+        self.agreement.averaged = averaged
         self.last_bytes: dict[str, int] = {}  # bytes this rank sent in the last step, by tag
         self.last_stat_bytes = 0  # the statistics' share of them (see _stat_share)
 
@@ -126,6 +133,7 @@ class DistributedCurvature(CurvatureStrategy):
         dtype = _buffer_dtype(params)
         device = params[0].device if params else torch.device("cpu")
         local_bad = 0.0 if all_finite(list(grads.values())) else 1.0
+        averaged = self.agreement.decide(list(grads.values()))  # a collective at step 0
         owners = range(world) if self.hybrid else range(1)
         owner_of_param = (lambda p: self._owner_of(p)) if self.hybrid else (lambda p: 0)
         owner_of_block = (lambda name: self.owner[name]) if self.hybrid else (lambda name: 0)
@@ -133,18 +141,8 @@ class DistributedCurvature(CurvatureStrategy):
         seg_stats = {k: [key for key in due if owner_of_block(key[0]) == k] for k in owners}
         segments: list[Tensor] = []
         for k in owners:
-            parts = [grads[p].reshape(-1).to(dtype) for p in seg_params[k]]
-            for key in seg_stats[k]:
-                shape, sym = blocks[key[0]].layout(key[1])
-                entry = captured.values.get(key)
-                if entry is None or entry.weight == 0.0:
-                    parts.append(
-                        torch.zeros(_packed_numel(shape, sym) + 1, dtype=dtype, device=device)
-                    )
-                    continue
-                value = entry.value.to(device=device, dtype=dtype) * entry.weight
-                parts.append((pack_symmetric(value) if sym else value).reshape(-1))
-                parts.append(torch.tensor([entry.weight], dtype=dtype, device=device))
+            parts = [] if averaged else [grads[p].reshape(-1).to(dtype) for p in seg_params[k]]
+            parts += self._pack(seg_stats[k], captured.values, dtype, device)
             parts.append(torch.tensor([local_bad], dtype=dtype, device=device))
             segments.append(torch.cat(parts))
         self.last_stat_bytes = self._stat_share(
@@ -163,23 +161,13 @@ class DistributedCurvature(CurvatureStrategy):
         out = StepOutcome()
         offset = 0
         for p in seg_params[todo]:
+            if averaged:  # DDP did it: every rank holds the average
+                out.grads[p] = grads[p]
+                continue
             n = p.numel()
             out.grads[p] = (mine[offset : offset + n] / world).reshape(p.shape).to(p.dtype)
             offset += n
-        values: dict[StatKey, Tensor] = {}
-        missing: list[StatKey] = []
-        for key in seg_stats[todo]:
-            block = blocks[key[0]]
-            shape, sym = block.layout(key[1])
-            n = _packed_numel(shape, sym)
-            total, weight = mine[offset : offset + n], float(mine[offset + n])
-            offset += n + 1
-            if weight <= 0.0:
-                missing.append(key)
-                continue
-            mean = total / weight
-            value = unpack_symmetric(mean.reshape(*shape[:-2], -1), shape[-1]) if sym else mean
-            values[key] = value.reshape(shape).to(_stat_dtype(block.params[0]))
+        values, missing, offset = self._unpack(seg_stats[todo], mine, offset)
         if float(mine[offset]) > 0.0:
             out.nonfinite = True
             self._record_bytes(before)
@@ -237,6 +225,80 @@ class DistributedCurvature(CurvatureStrategy):
         out.report = summary
         self._record_bytes(before)
         return out
+
+    def _pack(
+        self,
+        keys: list[StatKey],
+        values: Mapping[StatKey, FactorValue],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[Tensor]:
+        """The due statistics as ``value * weight`` (symmetric ones as a triangle) and the
+        weight, so that sums over ranks divided by summed weights are exact means."""
+        parts: list[Tensor] = []
+        blocks = self.engine.blocks
+        for key in keys:
+            shape, sym = blocks[key[0]].layout(key[1])
+            entry = values.get(key)
+            if entry is None or entry.weight == 0.0:
+                parts.append(torch.zeros(_packed_numel(shape, sym) + 1, dtype=dtype, device=device))
+                continue
+            value = entry.value.to(device=device, dtype=dtype) * entry.weight
+            parts.append((pack_symmetric(value) if sym else value).reshape(-1))
+            parts.append(torch.tensor([entry.weight], dtype=dtype, device=device))
+        return parts
+
+    def _unpack(
+        self, keys: list[StatKey], buf: Tensor, offset: int
+    ) -> tuple[dict[StatKey, Tensor], list[StatKey], int]:
+        """Inverse of :meth:`_pack` on the summed buffer: (means, missing, next offset)."""
+        values: dict[StatKey, Tensor] = {}
+        missing: list[StatKey] = []
+        blocks = self.engine.blocks
+        for key in keys:
+            block = blocks[key[0]]
+            shape, sym = block.layout(key[1])
+            n = _packed_numel(shape, sym)
+            total, weight = buf[offset : offset + n], float(buf[offset + n])
+            offset += n + 1
+            if weight <= 0.0:
+                missing.append(key)
+                continue
+            mean = total / weight
+            value = unpack_symmetric(mean.reshape(*shape[:-2], -1), shape[-1]) if sym else mean
+            values[key] = value.reshape(shape).to(_stat_dtype(block.params[0]))
+        return values, missing, offset
+
+    @torch.no_grad()
+    def refresh(self, damping_of: DampingOf) -> RefreshReport:
+        """``"simple"`` mode without preconditioning (NLCG's K-FAC preconditioner): one
+        all-reduce of the due statistics; every rank then refreshes and inverts every block.
+        Each rank's statistics must come from the mean loss over its own shard."""
+        if self.hybrid:
+            raise RuntimeError("refresh() without a step is the simple mode's only")
+        engine = self.engine
+        before = dict(self.comm.counter.bytes_sent)
+        captured = engine.capture.collect()
+        armed = engine.capture.armed
+        due: list[StatKey] = [
+            (b.name, f) for b in engine.blocks.values() for f in b.factors() if (b.name, f) in armed
+        ]
+        params = [p for b in engine.blocks.values() for p in b.params]
+        dtype = _buffer_dtype(params)
+        device = params[0].device if params else torch.device("cpu")
+        parts = self._pack(due, captured.values, dtype, device)
+        numel = sum(_packed_numel(*engine.blocks[k[0]].layout(k[1])) + 1 for k in due)
+        self.last_stat_bytes = self._stat_share(
+            [numel], torch.empty((), dtype=dtype).element_size()
+        )
+        report = RefreshReport()
+        if parts:
+            summed = self.comm.all_reduce(torch.cat(parts), "stats")
+            values, missing, _ = self._unpack(due, summed, 0)
+            report = engine.absorb(values, missing, damping_of)
+        engine.schedule.record_step(len(report.refreshed))
+        self._record_bytes(before)
+        return report
 
     def _stat_share(self, stat_numel: list[int], itemsize: int) -> int:
         """Bytes of statistics this rank sends this step under the byte model of

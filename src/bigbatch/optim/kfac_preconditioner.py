@@ -19,6 +19,10 @@ from bigbatch.curvature.engine import KFACEngine
 from bigbatch.curvature.keys import KFAC_APPROX, KFACApprox
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
+from bigbatch.curvature.strategy import CurvatureStrategy
+from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.data_parallel import data_parallel_group, unwrap
+from bigbatch.distributed.kfac_sync import DistributedCurvature
 from bigbatch.optim.flat_layout import FlatLayout
 from bigbatch.optim.preconditioners import Preconditioner, SecantPair
 from bigbatch.optim.validation import check_choice, check_number
@@ -33,6 +37,11 @@ class KFACPreconditioner(Preconditioner):
         model: the network NLCG optimizes (its parameters must be NLCG's parameters).
         damping: Tikhonov damping of the Fisher blocks (default 1e-3).
         fisher, staleness, inversion, kfac_approx: as for :class:`bigbatch.SPNGD`.
+        distributed: ``None`` (default): found by itself; with an initialised process group
+            of more than one rank every rank all-reduces the due statistics (each from the
+            mean loss over its own shard) and inverts every block (the ``"simple"`` mode of
+            :class:`bigbatch.DistributedConfig`), so all ranks precondition alike.
+            ``False``: one process. ``model`` may be ``DistributedDataParallel``-wrapped.
     """
 
     name = "kfac"
@@ -46,12 +55,27 @@ class KFACPreconditioner(Preconditioner):
         staleness: StalenessConfig | bool = True,
         inversion: InversionConfig | None = None,
         kfac_approx: KFACApprox = "expand",
+        distributed: bool | None = None,
     ) -> None:
         self.damping = check_number("damping", damping, low=0.0, low_open=True)
+        if distributed is not None and not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        model, _ = unwrap(model)
+        strategy: CurvatureStrategy | None = None
+        group = None if distributed is False else data_parallel_group()
+        if distributed and group is None:
+            raise ValueError(
+                "distributed=True needs an initialised torch.distributed process group with "
+                "more than one rank"
+            )
+        if group is not None:
+            strategy = DistributedCurvature(DistributedConfig("simple", group))
         kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
-        self.engine = KFACEngine(model, fisher, staleness, inversion, kfac_approx=kfac_approx)
+        self.engine = KFACEngine(
+            model, fisher, staleness, inversion, strategy, kfac_approx=kfac_approx
+        )
         self._layout: FlatLayout | None = None
 
     def attach(self, layout: FlatLayout) -> None:

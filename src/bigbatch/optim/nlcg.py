@@ -20,9 +20,15 @@ from itertools import chain
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from bigbatch.distributed.data_parallel import (
+    ConsistencyCheck,
+    GradientAgreement,
+    data_parallel_group,
+)
 from bigbatch.optim.conjugacy import (
     BETA_RULES,
     RULES_NEEDING_Y,
@@ -79,6 +85,17 @@ class NLCG(Optimizer):
             skipped with a warning, parameters and state untouched, and counted in
             ``skipped_steps``; ``"raise"``: ``FloatingPointError``, nothing changed.
         eps: the reference's regulariser in beta's denominator and the BFGS update (1e-8).
+        distributed: data-parallel training over ``torch.distributed``: ``None`` (default)
+            finds it by itself (an initialised process group of more than one rank), ``True``
+            requires it, ``False`` runs each process on its own. Each rank passes the MEAN
+            loss over its own shard; the step control and every decision see the mean over
+            the ranks (one scalar all-reduce per step), and the gradients are averaged once:
+            by ``DistributedDataParallel`` when the model is wrapped (all ranks then hold
+            the same gradients, checked at the first step), else by NLCG itself (one
+            all-reduce of the flat gradient). Line search is refused there.
+        consistency_every: distributed only: every this many steps the parameters' float64
+            checksums are compared across the ranks; a difference raises
+            :class:`~bigbatch.distributed.RanksDivergedError` (default 100; 0: never).
 
     The loss: the step control needs the training loss. Pass it as ``step(closure)`` (the
     closure's return value) or ``step(loss=loss)``. When neither is given, the step is taken
@@ -115,8 +132,12 @@ class NLCG(Optimizer):
         tolerance_change: float = 1e-12,
         nonfinite: str = "skip",
         eps: float = 1e-8,
+        distributed: bool | None = None,
+        consistency_every: int = 100,
     ) -> None:
         self.eps = check_number("eps", eps, low=0.0)
+        every = cast(int, check_int("consistency_every", consistency_every, low=0))
+        self._group = _data_parallel(distributed)
         self.beta_rule = check_choice("beta_rule", beta_rule, BETA_RULES)
         self.beta_clip = _check_beta_clip(beta_clip)
         self.preconditioner = make_preconditioner(preconditioner, self.eps)
@@ -126,6 +147,15 @@ class NLCG(Optimizer):
             "step_control",
             default_control if step_control is None else step_control,
             STEP_CONTROL_MODES,
+        )
+        if self.line_search is not None and self._group is not None:
+            raise ValueError(
+                "line_search is not supported in data-parallel training (each rank's "
+                "closure sees its own shard); use the stochastic mode (line_search=None)"
+            )
+        self._agreement = GradientAgreement(self._group) if self._group is not None else None
+        self._consistency = (
+            ConsistencyCheck(self._group, every) if self._group is not None else None
         )
         if self.line_search is not None and mode != "off":
             raise ValueError(
@@ -364,6 +394,8 @@ class NLCG(Optimizer):
         loss_value = self._loss_value(loss)
         layout = self._ensure_state()
         g = self._gather_gradient(layout)
+        if self._group is not None:
+            loss_value = self._data_parallel(g, loss_value)
         if not self._finite(g, loss_value):
             return loss
         self._add_weight_decay_and_lars(layout, g)
@@ -375,7 +407,23 @@ class NLCG(Optimizer):
         self._apply_update(layout, beta, decision.base_lr, base_old, decision.undo)
         self._finish_step(g, beta, rz, glob)
         glob["scales"] = [float(gr["lr"]) * decision.base_lr for gr in self.param_groups]
+        if self._consistency is not None:
+            self._consistency(int(glob["step"]), layout.params, "NLCG")
         return loss
+
+    def _data_parallel(self, g: Tensor, loss: float | None) -> float | None:
+        """Average the flat gradient over the ranks unless they agree already (DDP), and
+        return the mean of the ranks' losses (what every decision of the step sees)."""
+        world = dist.get_world_size(self._group)
+        assert self._agreement is not None
+        if not self._agreement.decide([g]):
+            dist.all_reduce(g, group=self._group)
+            g.div_(world)
+        if loss is None:
+            return None
+        shared = torch.tensor([loss], dtype=torch.float64, device=g.device)
+        dist.all_reduce(shared, group=self._group)
+        return float(shared.item()) / world
 
     def _loss_value(self, loss: Tensor | float | None) -> float | None:
         if loss is None:
@@ -635,6 +683,21 @@ def _check_group(group: Mapping[str, Any]) -> None:
     for flag in ("decoupled_weight_decay", "lars"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
+
+
+def _data_parallel(distributed: bool | None) -> Any:
+    """The process group NLCG averages over, or ``None`` for one process."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+    if distributed is False:
+        return None
+    group = data_parallel_group()
+    if group is None and distributed:
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group with more "
+            "than one rank (torchrun ...; torch.distributed.init_process_group)"
+        )
+    return group
 
 
 def _check_beta_clip(

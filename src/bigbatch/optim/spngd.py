@@ -28,8 +28,9 @@ from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.curvature.strategy import CurvatureStrategy, RefreshReport
 from bigbatch.distributed.config import DistributedConfig
+from bigbatch.distributed.data_parallel import ConsistencyCheck, data_parallel_group, unwrap
 from bigbatch.distributed.kfac_sync import DistributedCurvature
-from bigbatch.optim.validation import check_choice, check_number
+from bigbatch.optim.validation import check_choice, check_int, check_number
 
 __all__ = ["SPNGD"]
 
@@ -80,17 +81,25 @@ class SPNGD(Optimizer):
             gradient changes no parameter and no momentum, and warns; ``"raise"``:
             ``FloatingPointError``.
         params: optional parameter groups (default ``model.parameters()``).
-        distributed: ``None`` (default): one process. ``DistributedConfig("hybrid")`` (or
-            ``"simple"``) for data-parallel training over an initialised
-            ``torch.distributed`` group, WITHOUT DistributedDataParallel: each rank runs
-            forward/backward on its own equal-sized shard with the mean loss over that
-            shard, and ``step()`` averages the gradients over the ranks and combines the
-            due statistics exactly as one process would on the global batch. ``"hybrid"``
-            gives each Fisher block to one owner rank (cost-balanced), which alone inverts
-            and preconditions it; ``"simple"`` has every rank compute every block. Every
-            rank ends each step with the same parameters and momentum; in hybrid mode
-            ``state_dict()`` is a collective (call it on every rank; each returns the full
-            state). Bytes sent per collective: ``engine.strategy.comm.counter``.
+        distributed: data-parallel training over ``torch.distributed``. ``None`` (default):
+            found by itself: with an initialised process group of more than one rank, the
+            ``"hybrid"`` mode below; else one process. ``False``: one process even then
+            (ranks training on their own). ``DistributedConfig("hybrid" | "simple")``:
+            that mode. Each rank runs forward/backward on its own equal-sized shard with
+            the MEAN loss over that shard, in a ``DistributedDataParallel``-wrapped model
+            (``model`` given wrapped or not; DDP then averages the gradients, and SPNGD
+            does not again) or without DDP (``step()`` averages them; which one holds is
+            decided at the first step from a checksum of every rank's gradients); the due
+            statistics are combined exactly as one process would on the global batch.
+            ``"hybrid"`` gives each Fisher block to one owner rank (cost-balanced), which
+            alone inverts and preconditions it; ``"simple"`` has every rank compute every
+            block. Every rank ends each step with the same parameters and momentum; in
+            hybrid mode ``state_dict()`` is a collective (call it on every rank; each returns
+            the full state). Bytes sent per collective: ``engine.strategy.comm.counter``.
+            FSDP is refused.
+        consistency_every: distributed only: every this many steps a float64 checksum of
+            the parameters is compared across the ranks and a difference raises
+            :class:`~bigbatch.distributed.RanksDivergedError` (default 100; 0: never).
     """
 
     def __init__(
@@ -108,21 +117,21 @@ class SPNGD(Optimizer):
         inversion: InversionConfig | None = None,
         nonfinite: str = "skip",
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
-        distributed: DistributedConfig | None = None,
+        distributed: DistributedConfig | bool | None = None,
         kfac_approx: KFACApprox = "expand",
+        consistency_every: int = 100,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        model, wrapped = unwrap(model)
         self.kl_clip = (
             None if kl_clip is None else check_number("kl_clip", kl_clip, low=0.0, low_open=True)
         )
         self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
         fisher = check_choice("fisher", fisher, ("empirical", "mc"))
         kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
-        if distributed is not None and not isinstance(distributed, DistributedConfig):
-            raise ValueError(
-                f"distributed must be None or a DistributedConfig, got {distributed!r}"
-            )
+        every = check_int("consistency_every", consistency_every, low=0)
+        config = _distributed_config(distributed, wrapped)
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
         elif not isinstance(staleness, StalenessConfig):
@@ -136,9 +145,11 @@ class SPNGD(Optimizer):
         }
         _check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
-        strategy: CurvatureStrategy | None = (
-            None if distributed is None else DistributedCurvature(distributed)
-        )
+        strategy: CurvatureStrategy | None = None
+        self._consistency: ConsistencyCheck | None = None
+        if config is not None:
+            strategy = DistributedCurvature(config, averaged=True if wrapped else None)
+            self._consistency = ConsistencyCheck(config.group, int(every or 0))
         self.engine = KFACEngine(model, fisher, staleness, inversion, strategy, kfac_approx)
         self.skipped_steps = 0
         self.last_report = RefreshReport()
@@ -230,6 +241,9 @@ class SPNGD(Optimizer):
             return self._nonfinite("preconditioned gradient", loss)
         self._update(directions, self._kl_scale(kl_total))
         self.engine.advance()
+        if self._consistency is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._consistency(self.engine.step, params, "SPNGD")
         return loss
 
     def _damping_of(self, block: FisherBlock) -> float:
@@ -342,6 +356,33 @@ class SPNGD(Optimizer):
     def refresh_fraction(self) -> float:
         """Fraction of (statistic, step) pairs refreshed so far."""
         return self.engine.schedule.refresh_fraction
+
+
+def _distributed_config(
+    distributed: DistributedConfig | bool | None, wrapped: bool
+) -> DistributedConfig | None:
+    """The data-parallel mode to run: the one given, or found from the process group."""
+    if distributed is False:
+        if wrapped:
+            raise ValueError(
+                "distributed=False with a DistributedDataParallel model: each rank would "
+                "precondition with its own statistics; leave distributed at None"
+            )
+        return None
+    if isinstance(distributed, DistributedConfig):
+        return distributed
+    if distributed is not None and distributed is not True:
+        raise ValueError(
+            f"distributed must be None, True, False or a DistributedConfig, got {distributed!r}"
+        )
+    if data_parallel_group() is None:
+        if distributed is True or wrapped:
+            raise ValueError(
+                "distributed training needs an initialised torch.distributed process group "
+                "with more than one rank (torchrun ...; torch.distributed.init_process_group)"
+            )
+        return None
+    return DistributedConfig("hybrid")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:

@@ -46,6 +46,12 @@ CASES: dict[str, list[str]] = {
     "momentum-micro": ["optimizer.name=momentum", "optimizer.lr=0.05", "train.micro_batch_size=32"],
     "nlcg": ["optimizer.name=nlcg", "optimizer.lr=0.05"],
     "nlcg-micro": ["optimizer.name=nlcg", "optimizer.lr=0.05", "train.micro_batch_size=16"],
+    # NLCG with K-FAC: statistics all-reduced, gradients averaged by NLCG itself
+    "nlcg-kfac": [
+        "optimizer.name=nlcg",
+        "optimizer.lr=0.05",
+        "optimizer.options.preconditioner=kfac",
+    ],
     # SP-NGD in its own distributed modes (hybrid by default)
     "spngd": ["optimizer.name=spngd", "optimizer.lr=0.05"],
     "spngd-simple-micro": [
@@ -158,7 +164,9 @@ def _job(job: str, root: Path) -> None:
             torch.save(
                 {"params": [p.detach().clone() for p in run.model.parameters()],
                  "steps": result.steps, "history": result.history,
-                 "sync": type(getattr(getattr(run.optimizer, "engine", None), "strategy", None))
+                 "sync": type(getattr(getattr(run.optimizer, "engine", None)
+                              or getattr(getattr(run.optimizer, "preconditioner", None),
+                                         "engine", None), "strategy", None))
                  .__name__ == "DistributedCurvature"},
                 root / name / f"params{rank}.pt",
             )  # fmt: skip
@@ -250,13 +258,14 @@ def test_two_processes_equal_one(case: str, parallel: Path, tmp_path: Path) -> N
     reference = single.run()
     ranks = [torch.load(parallel / case / f"params{r}.pt") for r in range(WORLD)]
     assert ranks[0]["steps"] == reference.steps == 15
-    assert ranks[0]["sync"] == case.startswith("spngd")  # SP-NGD ran its distributed mode
+    # SP-NGD and NLCG's K-FAC preconditioner ran their distributed strategies
+    assert ranks[0]["sync"] == case.startswith(("spngd", "nlcg-kfac"))
     # every rank holds the same weights, bit for bit
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
     # ... which equal the single-process ones up to the order of the float sums (SP-NGD's
     # inverses amplify that a little, as in test_train_loop)
-    rtol, atol = (2e-3, 1e-4) if case.startswith("spngd") else (2e-4, 2e-5)
+    rtol, atol = (2e-3, 1e-4) if case.startswith(("spngd", "nlcg-kfac")) else (2e-4, 2e-5)
     for got, want in zip(ranks[0]["params"], single.model.parameters(), strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=rtol, atol=atol)
     moved = sum(

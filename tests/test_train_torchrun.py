@@ -169,18 +169,6 @@ def test_two_agents_rendezvous_as_two_nodes(tmp_path: Path) -> None:
     [
         (["--max-restarts", "-1"], "--max-restarts must be at least 0"),
         (["--max-restarts", "2"], "--max-restarts needs --nproc 2 or more"),
-        (
-            [
-                "--nproc",
-                "2",
-                "--optimizer",
-                "nlcg",
-                "--set",
-                "optimizer.options.preconditioner=kfac",
-            ],
-            "optimizer.options.preconditioner='kfac': NLCG's K-FAC preconditioner has no "
-            "distributed mode",
-        ),
     ],
 )
 def test_refused_before_any_process_starts(extra: list[str], message: str, tmp_path: Path) -> None:

@@ -221,19 +221,13 @@ def check_distributed(
     them into micro-batches, so ``train.batch_size`` must be divisible by
     ``world_size * train.micro_batch_size`` (by ``world_size`` with micro-batch 0 or -1).
     ``options`` (constructor options per optimizer name; ``options_key`` names them in
-    messages, ``{name}`` filled in) are checked for what has no distributed mode.
+    messages, ``{name}`` filled in) are kept for checks of what has no distributed mode
+    (every optimizer here has one).
     """
     if world_size <= 1:
         return
     for name in optimizers:
         optimizer_spec(name, "optimizer.name")  # an unknown name fails here already
-        precond = str((options or {}).get(name, {}).get("preconditioner", "")).lower()
-        if name == "nlcg" and precond == "kfac":
-            raise ConfigError(
-                f"{options_key.format(name=name)}.preconditioner='kfac': NLCG's K-FAC "
-                "preconditioner has no distributed mode yet (each rank would precondition "
-                "with its own statistics); run it in one process, or use spngd"
-            )
     for batch in batch_sizes:
         per_rank = world_size * max(micro_batch_size, 1)
         if batch % per_rank != 0:

@@ -28,9 +28,11 @@ world size, but not equal to a single-process run's draws. Evaluation is sharded
 reduced; rank 0 alone writes metrics, checkpoints and the summary (a resume reads rank 0's
 checkpoint and broadcasts it). SP-NGD runs in its own distributed mode
 (``optimizer.options.distributed``: ``"hybrid"``, the default, or ``"simple"``; see
-:class:`bigbatch.DistributedConfig`): each rank weights its micro-batches by
-``len(micro) / share`` (the mean over its share) and ``SPNGD.step`` averages gradients and
-curvature statistics itself, so the harness does not all-reduce the gradients then.
+:class:`bigbatch.DistributedConfig`), and so does NLCG with the K-FAC preconditioner (its
+statistics all-reduced, the gradients averaged by NLCG): each rank weights its
+micro-batches by ``len(micro) / share`` (the mean over its share) and the optimizer averages
+gradients and curvature statistics itself, so the harness does not all-reduce the
+gradients then.
 
 Not here: building models/optimizers/data (their modules), comparing runs (``compare.py``).
 """
@@ -85,7 +87,7 @@ from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted
 from bigbatch.train.metrics import MetricsLog, read_metrics
 from bigbatch.train.micro_batch import auto_micro_batch
 from bigbatch.train.models import build_model
-from bigbatch.train.optimizers import build_optimizer, optimizer_spec
+from bigbatch.train.optimizers import averages_own_gradients, build_optimizer, optimizer_spec
 from bigbatch.train.schedules import lr_factor_fn
 from bigbatch.train.targets import Mixup, one_hot_smooth, soft_cross_entropy
 
@@ -232,7 +234,8 @@ class TrainingRun:
             raise ConfigError(f"model.name={m.name!r}: {exc}") from None
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
-        self.curvature_dist = self.dist.enabled and self.spec.uses_curvature
+        # the optimizer averages gradients and statistics itself (each rank: its mean loss)
+        self.curvature_dist = self.dist.enabled and averages_own_gradients(cfg.optimizer)
         self.optimizer = build_optimizer(self.model, self._optimizer_config())
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
         s = cfg.schedule

@@ -24,7 +24,13 @@ from torch.optim import Optimizer
 from bigbatch.optim import NLCG, SPNGD, KFACPreconditioner
 from bigbatch.train.config import ConfigError, OptimizerConfig
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "build_optimizer", "optimizer_spec"]
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "averages_own_gradients",
+    "build_optimizer",
+    "optimizer_spec",
+]
 
 Builder = Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]
 
@@ -138,6 +144,16 @@ def optimizer_spec(name: str, key: str = "optimizer.name") -> OptimizerSpec:
     except KeyError:
         known = ", ".join(OPTIMIZERS)
         raise ConfigError(f"{key}: unknown optimizer {name!r}; known: {known}") from None
+
+
+def averages_own_gradients(cfg: OptimizerConfig) -> bool:
+    """Whether the optimizer combines the ranks' gradients and curvature statistics itself
+    in a data-parallel run (SP-NGD; NLCG with the K-FAC preconditioner, whose statistics
+    must come from each rank's mean loss over its own shard)."""
+    if optimizer_spec(cfg.name).uses_curvature:
+        return True
+    options = {**optimizer_spec(cfg.name).defaults, **cfg.options}
+    return cfg.name == "nlcg" and str(options.get("preconditioner", "")).lower() == "kfac"
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> Optimizer:

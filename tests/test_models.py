@@ -13,6 +13,9 @@ from torch.nn import functional as F
 
 from bigbatch.train.models import MODEL_NAMES, build_model, count_parameters
 
+#: the image models (the language model "gpt" has its own tests in test_text_lm.py)
+IMAGE_MODELS = tuple(name for name in MODEL_NAMES if name != "gpt")
+
 
 def resnet_param_count(n: int, in_channels: int, num_classes: int, w: int = 16) -> int:
     """Option-A CIFAR ResNet with 3 stages of n basic blocks: convs (no bias), BN, head."""
@@ -33,7 +36,7 @@ def resnet_param_count(n: int, in_channels: int, num_classes: int, w: int = 16) 
 
 
 def test_names() -> None:
-    assert MODEL_NAMES == ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
+    assert MODEL_NAMES == ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "gpt")
 
 
 def test_resnet20_count_is_the_known_value() -> None:
@@ -81,7 +84,7 @@ def test_cnn_and_mlp_counts() -> None:
     assert count_parameters(mlp) == 785 * 100 + 101 * 100 + 101 * 10
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize(("in_channels", "image_size"), [(1, 28), (3, 32), (3, 8)])
 def test_forward_shapes(name: str, in_channels: int, image_size: int) -> None:
     torch.manual_seed(0)
@@ -93,7 +96,7 @@ def test_forward_shapes(name: str, in_channels: int, image_size: int) -> None:
 
 def test_only_kfac_supported_parametrised_modules() -> None:
     allowed = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-    for name in MODEL_NAMES:
+    for name in IMAGE_MODELS:
         model = build_model(name, in_channels=3, image_size=32, num_classes=10)
         for m in model.modules():
             if any(True for _ in m.parameters(recurse=False)):

@@ -177,12 +177,13 @@ class KFACEngine:
         report.inverted = [b.name for b in to_invert]
         return report
 
-    def advance(self) -> None:
+    def advance(self, arm: bool = True) -> None:
         """Close the step: arm the hooks for the statistics due at the next one (and
-        register statistics that appeared, such as a tied head seen for the first time)."""
+        register statistics that appeared, such as a tied head seen for the first time);
+        ``arm=False`` records nothing at the next step."""
         self.step += 1
         self.schedule.register(self.capture.stat_keys())
-        self.capture.arm(self._due(self.step))
+        self.capture.arm(self._due(self.step) if arm else ())
 
     def _invert(self, blocks: list[FisherBlock], damping_of: DampingOf) -> None:
         named: dict[Hashable, Tensor] = {}

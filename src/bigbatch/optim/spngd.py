@@ -97,6 +97,9 @@ class SPNGD(Optimizer):
             hybrid mode ``state_dict()`` is a collective (call it on every rank; each returns
             the full state). Bytes sent per collective: ``engine.strategy.comm.counter``.
             FSDP is refused.
+        precondition: ``False`` records no statistics and preconditions nothing: plain
+            momentum SGD with weight decay (equal to ``torch.optim.SGD(momentum=...)`` to the
+            bit; the reference point of the equivalence tests). Default ``True``.
         consistency_every: distributed only: every this many steps a float64 checksum of
             the parameters is compared across the ranks and a difference raises
             :class:`~bigbatch.distributed.RanksDivergedError` (default 100; 0: never).
@@ -120,6 +123,7 @@ class SPNGD(Optimizer):
         distributed: DistributedConfig | bool | None = None,
         kfac_approx: KFACApprox = "expand",
         consistency_every: int = 100,
+        precondition: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -131,6 +135,9 @@ class SPNGD(Optimizer):
         fisher = check_choice("fisher", fisher, ("empirical", "mc"))
         kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
         every = check_int("consistency_every", consistency_every, low=0)
+        if not isinstance(precondition, bool):
+            raise ValueError(f"precondition must be True or False, got {precondition!r}")
+        self.precondition = precondition
         config = _distributed_config(distributed, wrapped)
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
@@ -151,6 +158,8 @@ class SPNGD(Optimizer):
             strategy = DistributedCurvature(config, averaged=True if wrapped else None)
             self._consistency = ConsistencyCheck(config.group, int(every or 0))
         self.engine = KFACEngine(model, fisher, staleness, inversion, strategy, kfac_approx)
+        if not precondition:
+            self.engine.capture.arm(())  # nothing is ever recorded
         self.skipped_steps = 0
         self.last_report = RefreshReport()
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -240,7 +249,7 @@ class SPNGD(Optimizer):
         if not _all_finite(list(directions.values())):
             return self._nonfinite("preconditioned gradient", loss)
         self._update(directions, self._kl_scale(kl_total))
-        self.engine.advance()
+        self.engine.advance(arm=self.precondition)
         if self._consistency is not None:
             params = [p for g in self.param_groups for p in g["params"]]
             self._consistency(self.engine.step, params, "SPNGD")

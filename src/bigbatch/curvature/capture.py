@@ -18,6 +18,7 @@ It does not invert or schedule anything.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,21 @@ class CapturedStats:
 
     values: dict[StatKey, FactorValue] = field(default_factory=dict)
     missing: list[StatKey] = field(default_factory=list)  # armed statistics that got no data
+
+
+def _guard_compiled_hooks() -> None:
+    """Make ``torch.compile`` recompile a graph when a module's hooks change.
+
+    By default dynamo does not guard on nn.Module hooks, so a model compiled and run before
+    the optimizer existed (or another copy of the same model class) would keep running a
+    graph without the capture's hooks, and record nothing. With the guards on, the hooks
+    added here cause one recompilation. Only set when dynamo is loaded already (importing it
+    costs seconds): a model compiled later is traced with the hooks in place.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None)
+    if config is not None and getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
 
 
 def _first_tensor(output: Any) -> Tensor | None:
@@ -117,6 +133,7 @@ class CurvatureCapture:
         ]
         for capturer in found.capturers:
             self._handles += capturer.install(self)
+        _guard_compiled_hooks()
 
     def remove(self) -> None:
         """Remove every hook (the model goes back to what it was)."""

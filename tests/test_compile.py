@@ -39,7 +39,7 @@ class _Pool(nn.Module):
         return h.mean(1)
 
 
-def _Net() -> nn.Module:  # noqa: N802 - reads like the class it stands for
+def _Net() -> nn.Module:
     """A Sequential at the top: its forward's code is shared by every instance, which is
     what lets a graph compiled before the hooks existed be reused without them."""
     torch.manual_seed(0)

@@ -116,6 +116,9 @@ class CurvatureCapture:
         self._armed: set[StatKey] = set()
         self._sums: dict[str, Sums] = {name: Sums() for name in self.blocks}
         self._micro = 0
+        #: the loss scale of this window's backward passes (``torch.amp.GradScaler``): the
+        #: gradient statistics are divided by its square (set by the optimizer)
+        self.grad_scale = 1.0
         self._terms = 0
         self._terms_known = True
         self._mc_active = False
@@ -241,7 +244,10 @@ class CurvatureCapture:
                 value = block.finalize(factor, sums, terms, self._fisher)
                 if value is None:
                     out.missing.append(key)
-                else:
-                    out.values[key] = value
+                    continue
+                if self.grad_scale != 1.0 and factor in block.grad_factors:
+                    value = FactorValue(value.value / self.grad_scale**2, value.weight)
+                out.values[key] = value
+        self.grad_scale = 1.0
         self.arm(self._armed)
         return out

@@ -45,6 +45,7 @@ class KFACPreconditioner(Preconditioner):
     """
 
     name = "kfac"
+    needs_loss_scale = True
 
     def __init__(
         self,
@@ -103,6 +104,12 @@ class KFACPreconditioner(Preconditioner):
             for p, z in self.engine.precondition(r_views).items():
                 out_views[p].copy_(z)
         return out
+
+    def discard_step(self) -> None:
+        self.engine.capture.arm(self.engine.capture.armed)  # drop this step's statistics
+
+    def set_loss_scale(self, scale: float) -> None:
+        self.engine.capture.grad_scale = scale
 
     def extra_state_dict(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict(), "damping": self.damping}

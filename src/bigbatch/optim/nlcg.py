@@ -394,9 +394,13 @@ class NLCG(Optimizer):
         loss_value = self._loss_value(loss)
         layout = self._ensure_state()
         g = self._gather_gradient(layout)
+        if not self._amp_unscale(g):
+            self.preconditioner.discard_step()
+            return loss
         if self._group is not None:
             loss_value = self._data_parallel(g, loss_value)
         if not self._finite(g, loss_value):
+            self.preconditioner.discard_step()
             return loss
         self._add_weight_decay_and_lars(layout, g)
         glob = self._global()
@@ -410,6 +414,30 @@ class NLCG(Optimizer):
         if self._consistency is not None:
             self._consistency(int(glob["step"]), layout.params, "NLCG")
         return loss
+
+    _step_supports_amp_scaling = True
+
+    def _amp_unscale(self, g: Tensor) -> bool:
+        """Under ``torch.amp.GradScaler`` (``scaler.step(opt)`` sets ``grad_scale`` and
+        ``found_inf``): ``False`` when the scaler found an inf/NaN (the step is skipped, as
+        the scaler skips it); else the flat gradient is unscaled and so are the
+        preconditioner's statistics. Pass the UNSCALED loss to ``step(loss=...)``."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True
+        if float(found_inf) > 0:
+            return False
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            g.div_(scale.to(g.device))
+            self.preconditioner.set_loss_scale(float(scale))
+        elif self.preconditioner.needs_loss_scale:
+            raise ValueError(
+                "NLCG with the K-FAC preconditioner under a GradScaler whose gradients were "
+                "unscaled already (scaler.unscale_(opt) before scaler.step(opt)): its "
+                "statistics would stay scaled; let scaler.step(opt) unscale"
+            )
+        return True
 
     def _data_parallel(self, g: Tensor, loss: float | None) -> float | None:
         """Average the flat gradient over the ranks unless they agree already (DDP), and

@@ -59,6 +59,8 @@ class Preconditioner:
     """
 
     name = "custom"
+    #: whether statistics recorded from the backward pass need the loss scale (GradScaler)
+    needs_loss_scale = False
     buffers: tuple[str, ...] = ()
     needs_secant = False
 
@@ -86,6 +88,14 @@ class Preconditioner:
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
         """Write ``P r`` into ``out`` and return it."""
         raise NotImplementedError
+
+    def discard_step(self) -> None:
+        """The optimizer skipped this step (a non-finite gradient or loss, or a GradScaler's
+        inf): forget whatever was recorded for it. Default: nothing."""
+
+    def set_loss_scale(self, scale: float) -> None:
+        """This step's gradients came from a loss multiplied by ``scale`` (GradScaler);
+        statistics recorded from the backward should be unscaled. Default: nothing."""
 
     def extra_state_dict(self) -> dict[str, Any]:
         """State that does not live in flat buffers (scalars, per-layer factors)."""

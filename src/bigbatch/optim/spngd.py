@@ -97,6 +97,11 @@ class SPNGD(Optimizer):
             hybrid mode ``state_dict()`` is a collective (call it on every rank; each returns
             the full state). Bytes sent per collective: ``engine.strategy.comm.counter``.
             FSDP is refused.
+        grad_scaler: the ``torch.amp.GradScaler`` of a loop that calls ``scaler.unscale_(opt)``
+            before ``scaler.step(opt)`` (to clip gradients), so the curvature statistics can
+            be unscaled as well. Without unscale_, ``scaler.step(opt)`` hands SP-NGD the scale
+            itself (it supports the scaler's protocol): leave this ``None``. An inf/NaN step
+            that the scaler skips is skipped here too, its statistics dropped.
         precondition: ``False`` records no statistics and preconditions nothing: plain
             momentum SGD with weight decay (equal to ``torch.optim.SGD(momentum=...)`` to the
             bit; the reference point of the equivalence tests). Default ``True``.
@@ -124,6 +129,7 @@ class SPNGD(Optimizer):
         kfac_approx: KFACApprox = "expand",
         consistency_every: int = 100,
         precondition: bool = True,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -138,6 +144,9 @@ class SPNGD(Optimizer):
         if not isinstance(precondition, bool):
             raise ValueError(f"precondition must be True or False, got {precondition!r}")
         self.precondition = precondition
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
+        self.grad_scaler = grad_scaler
         config = _distributed_config(distributed, wrapped)
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
@@ -240,6 +249,9 @@ class SPNGD(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("SPNGD does not support sparse gradients")
         grads: dict[Tensor, Tensor] = {p: cast(Tensor, p.grad) for p in params}
+        if not self._amp_unscale(list(grads.values())):
+            self.engine.capture.arm(self.engine.capture.armed)  # drop this step's statistics
+            return loss
         kl = self._kl_total if self.kl_clip is not None else None
         outcome = self.engine.run_step(grads, self._damping_of, kl)
         if outcome.nonfinite:
@@ -254,6 +266,34 @@ class SPNGD(Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             self._consistency(self.engine.step, params, "SPNGD")
         return loss
+
+    _step_supports_amp_scaling = True
+
+    def _amp_unscale(self, grads: list[Tensor]) -> bool:
+        """Under ``torch.amp.GradScaler`` (``scaler.step(opt)`` sets ``grad_scale`` and
+        ``found_inf``): ``False`` when the scaler found an inf/NaN (the step is skipped as
+        the scaler skips it, and its statistics are dropped); else the gradients are
+        unscaled in place and the curvature statistics of the window will be."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True  # no GradScaler
+        if float(found_inf) > 0:
+            return False
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            if self.grad_scaler is None:
+                raise ValueError(
+                    "SPNGD under a GradScaler whose gradients were unscaled already "
+                    "(scaler.unscale_(opt) before scaler.step(opt)): pass "
+                    "SPNGD(..., grad_scaler=scaler) so the curvature statistics are unscaled "
+                    "too"
+                )
+            self.engine.capture.grad_scale = float(self.grad_scaler.get_scale())
+            return True
+        if grads:
+            torch._foreach_div_(grads, scale.to(grads[0].device))
+        self.engine.capture.grad_scale = float(scale)
+        return True
 
     def _damping_of(self, block: FisherBlock) -> float:
         group = self._group_of.get(block.params[0])

@@ -114,7 +114,7 @@ def test_unscaled_before_step_needs_the_scaler_for_the_statistics() -> None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # clips nothing here
             if not given:
-                with pytest.raises(ValueError, match="pass SPNGD\\(..., grad_scaler=scaler\\)"):
+                with pytest.raises(ValueError, match=r"pass SPNGD\(\.\.\., grad_scaler=scaler\)"):
                     scaler.step(opt)
                 break
             scaler.step(opt)

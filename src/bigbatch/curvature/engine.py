@@ -96,10 +96,19 @@ class KFACEngine:
     ) -> None:
         if strategy is not None and not isinstance(strategy, CurvatureStrategy):
             raise ValueError(f"strategy must be a CurvatureStrategy, got {strategy!r}")
+        if staleness is not None and not isinstance(staleness, StalenessConfig):
+            raise ValueError(f"staleness must be a StalenessConfig, got {staleness!r}")
+        if inversion is not None and not isinstance(inversion, InversionConfig):
+            raise ValueError(
+                f"inversion must be an InversionConfig (e.g. InversionConfig(method='eigh')), "
+                f"got {inversion!r}"
+            )
         self.capture = CurvatureCapture(model, fisher, kfac_approx)
-        self.schedule = RefreshSchedule(staleness or StalenessConfig())
+        self.schedule = RefreshSchedule(StalenessConfig() if staleness is None else staleness)
         self.schedule.register(self.capture.stat_keys())
-        self.inverter: DampedInverter = DampedInverter(inversion or InversionConfig())
+        self.inverter: DampedInverter = DampedInverter(
+            InversionConfig() if inversion is None else inversion
+        )
         self.stats: dict[StatKey, Tensor] = {}
         self.inverses: dict[str, dict[str, Tensor]] = {}
         self.damping_used: dict[str, float] = {}

@@ -54,14 +54,22 @@ class StalenessConfig:
     smoothing: float = 0.9
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold > 0.0):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"staleness enabled must be True or False, got {self.enabled!r}")
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, int | float)
+            or not (math.isfinite(self.threshold) and self.threshold > 0.0)
+        ):
             raise ValueError(f"staleness threshold must be > 0, got {self.threshold!r}")
         if not (isinstance(self.smoothing, int | float) and 0.0 <= self.smoothing < 1.0):
             raise ValueError(f"staleness smoothing must lie in [0, 1), got {self.smoothing!r}")
         for name in ("min_interval", "max_interval", "initial_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"staleness {name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**30:
+                raise ValueError(
+                    f"staleness {name} must be an integer in [1, 2**30], got {value!r}"
+                )
         if self.min_interval > self.max_interval:
             raise ValueError(
                 f"staleness min_interval ({self.min_interval}) must be <= max_interval "

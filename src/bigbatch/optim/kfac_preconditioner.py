@@ -74,6 +74,8 @@ class KFACPreconditioner(Preconditioner):
         kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
+        elif not isinstance(staleness, StalenessConfig):
+            raise ValueError(f"staleness must be a bool or StalenessConfig, got {staleness!r}")
         self.engine = KFACEngine(
             model, fisher, staleness, inversion, strategy, kfac_approx=kfac_approx
         )
@@ -104,6 +106,10 @@ class KFACPreconditioner(Preconditioner):
             for p, z in self.engine.precondition(r_views).items():
                 out_views[p].copy_(z)
         return out
+
+    def check_extra_state(self, state: Mapping[str, Any]) -> None:
+        if "engine" in state:
+            self.engine.parse_state(state["engine"])
 
     def discard_step(self) -> None:
         self.engine.capture.arm(self.engine.capture.armed)  # drop this step's statistics

@@ -40,7 +40,13 @@ from bigbatch.optim.flat_layout import FlatLayout
 from bigbatch.optim.line_search import LineSearch, StrongWolfe
 from bigbatch.optim.preconditioners import Preconditioner, SecantPair, make_preconditioner
 from bigbatch.optim.step_control import STEP_CONTROL_MODES, StepControl
-from bigbatch.optim.validation import check_choice, check_int, check_number
+from bigbatch.optim.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_unique_params,
+)
 
 __all__ = ["NLCG"]
 
@@ -169,7 +175,7 @@ class NLCG(Optimizer):
             ),
         )
         self.restart_every = check_int("restart_every", restart_every, low=1, allow_none=True)
-        self.restart_on_ascent = bool(restart_on_ascent)
+        self.restart_on_ascent = check_bool("restart_on_ascent", restart_on_ascent)
         self.max_iter = cast(int, check_int("max_iter", max_iter, low=1))
         self.tolerance_grad = check_number("tolerance_grad", tolerance_grad, low=0.0)
         self.tolerance_change = check_number("tolerance_change", tolerance_change, low=0.0)
@@ -203,6 +209,7 @@ class NLCG(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            check_unique_params(group["params"], "NLCG")
             _check_group(group)
             for p in group["params"]:
                 if not p.is_floating_point():
@@ -303,13 +310,17 @@ class NLCG(Optimizer):
             glob["step_control"] = self.control.state_dict()
             glob["preconditioner"] = deepcopy(self.preconditioner.extra_state_dict())
             glob["skipped_steps"] = self.skipped_steps
+            glob["config"] = {
+                "beta_rule": self.beta_rule,
+                "preconditioner": self.preconditioner.name,
+            }
             sd["state"][0] = {**entry, _GLOBAL_KEY: glob}  # never mutate the live state
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         saved: Mapping[Any, Any] = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        glob = self._check_loadable(saved, saved_ids)  # raises before anything changes
+        glob = self._check_loadable(saved, saved_ids, state_dict["param_groups"])  # no change yet
         super().load_state_dict(dict(state_dict))  # validates groups, restores param_groups
         for p in list(self.state):  # drop super()'s dtype-cast copies; refilled below
             self.state.pop(p)
@@ -325,15 +336,21 @@ class NLCG(Optimizer):
                     view = layout.views(buf, j, j + 1)[0]
                     view.copy_(entry[name].reshape(view.shape))
         glob = deepcopy(dict(glob))
+        glob.pop("config", None)
         self.control.load_state_dict(glob.pop("step_control"))
         self.preconditioner.load_extra_state_dict(glob.pop("preconditioner"))
         self.skipped_steps = int(glob.pop("skipped_steps", 0))
         self.state[layout.params[0]][_GLOBAL_KEY] = glob
 
     def _check_loadable(
-        self, saved: Mapping[Any, Any], saved_ids: list[Any]
+        self, saved: Mapping[Any, Any], saved_ids: list[Any], groups: list[Mapping[str, Any]]
     ) -> Mapping[str, Any] | None:
         """The checkpoint's global scalars, after checking every buffer fits its parameter."""
+        for k, group in enumerate(groups):
+            try:
+                _check_group({**self.defaults, **{n: v for n, v in group.items() if n != "params"}})
+            except ValueError as exc:
+                raise ValueError(f"NLCG state_dict param_groups[{k}]: {exc}") from None
         if not saved:
             return None
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
@@ -346,13 +363,15 @@ class NLCG(Optimizer):
             entry = saved.get(pid, {})
             for name in self._buffer_names():
                 value = entry.get(name)
-                if value is not None and (
-                    not isinstance(value, Tensor) or value.numel() != p.numel()
-                ):
+                if value is None:
+                    continue
+                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
                     raise ValueError(
                         f"NLCG state {name!r} of parameter {j} does not match its shape "
                         f"{tuple(p.shape)}: got {getattr(value, 'shape', type(value))}"
                     )
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"NLCG state {name!r} of parameter {j} is not finite")
             glob = entry.get(_GLOBAL_KEY, glob)
         missing = {"step", "step_control", "preconditioner"} - set(glob or {})
         if glob is None or missing:
@@ -360,6 +379,15 @@ class NLCG(Optimizer):
                 f"NLCG state_dict has per-parameter state but no complete {_GLOBAL_KEY!r} "
                 f"(missing {sorted(missing)})"
             )
+        config = glob.get("config", {})
+        ours = {"beta_rule": self.beta_rule, "preconditioner": self.preconditioner.name}
+        for key, value in ours.items():
+            if key in config and config[key] != value:
+                raise ValueError(
+                    f"NLCG state_dict was saved with {key}={config[key]!r}, this optimizer has "
+                    f"{key}={value!r}: its buffers mean something else here"
+                )
+        self.preconditioner.check_extra_state(glob["preconditioner"])
         return cast(Mapping[str, Any], glob)
 
     def buffer_nbytes(self) -> int:
@@ -406,6 +434,9 @@ class NLCG(Optimizer):
         glob = self._global()
         step = int(glob["step"])
         beta, rz = self._direction_coefficient(layout, g, glob)
+        if not (math.isfinite(rz) and math.isfinite(beta)):  # z = P g overflowed, or worse
+            self._skip_nonfinite("preconditioned gradient")
+            return loss
         base_old = self.control.base_lr
         decision = self.control.decide(loss_value, step)
         self._apply_update(layout, beta, decision.base_lr, base_old, decision.undo)
@@ -481,7 +512,13 @@ class NLCG(Optimizer):
         ok = math.isfinite(float(g.sum())) and (loss is None or math.isfinite(loss))
         if ok:
             return True
-        what = "gradient" if loss is None or math.isfinite(loss) else "loss"
+        self._skip_nonfinite("gradient" if loss is None or math.isfinite(loss) else "loss")
+        return False
+
+    def _skip_nonfinite(self, what: str) -> None:
+        """The non-finite policy: raise, or skip the step (parameters, direction and the
+        step's scalars untouched; a preconditioner that refreshed its statistics from this
+        step keeps them unless they were non-finite) with a warning."""
         message = (
             f"NLCG got a non-finite {what} (NaN or Inf); parameters and optimizer state are "
             "left unchanged"
@@ -489,8 +526,7 @@ class NLCG(Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(message + " (nonfinite='raise')")
         self.skipped_steps += 1
-        warnings.warn(message + "; the step was skipped (nonfinite='skip')", stacklevel=3)
-        return False
+        warnings.warn(message + "; the step was skipped (nonfinite='skip')", stacklevel=4)
 
     def _add_weight_decay_and_lars(self, layout: FlatLayout, g: Tensor) -> None:
         for i, group in enumerate(self.param_groups):

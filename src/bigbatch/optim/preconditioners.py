@@ -89,6 +89,10 @@ class Preconditioner:
         """Write ``P r`` into ``out`` and return it."""
         raise NotImplementedError
 
+    def check_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` when :meth:`load_extra_state_dict` would refuse ``state``
+        (checked before the optimizer changes anything). Default: nothing to check."""
+
     def discard_step(self) -> None:
         """The optimizer skipped this step (a non-finite gradient or loss, or a GradScaler's
         inf): forget whatever was recorded for it. Default: nothing."""

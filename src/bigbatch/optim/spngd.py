@@ -30,7 +30,12 @@ from bigbatch.curvature.strategy import CurvatureStrategy, RefreshReport
 from bigbatch.distributed.config import DistributedConfig
 from bigbatch.distributed.data_parallel import ConsistencyCheck, data_parallel_group, unwrap
 from bigbatch.distributed.kfac_sync import DistributedCurvature
-from bigbatch.optim.validation import check_choice, check_int, check_number
+from bigbatch.optim.validation import (
+    check_choice,
+    check_int,
+    check_number,
+    check_unique_params,
+)
 
 __all__ = ["SPNGD"]
 
@@ -194,6 +199,7 @@ class SPNGD(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
+            check_unique_params(self.param_groups[-1]["params"], "SPNGD")
             _check_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
@@ -389,7 +395,28 @@ class SPNGD(Optimizer):
                 "SPNGD state_dict has no 'curvature' entry (saved by another optimizer?)"
             )
         parsed = self.engine.parse_state(curvature)  # validated before anything changes
+        for k, group in enumerate(state_dict.get("param_groups", [])):
+            try:
+                _check_group({**self.defaults, **{n: v for n, v in group.items() if n != "params"}})
+            except ValueError as exc:
+                raise ValueError(f"SPNGD state_dict param_groups[{k}]: {exc}") from None
         saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        ours = [p for g in self.param_groups for p in g["params"]]
+        shape_of = dict(zip(saved_ids, (tuple(p.shape) for p in ours), strict=False))
+        for key, entry in saved_state.items():
+            buf = entry.get("momentum_buffer") if isinstance(entry, Mapping) else None
+            if buf is None:
+                continue
+            if not isinstance(buf, Tensor) or tuple(buf.shape) != shape_of.get(key):
+                raise ValueError(
+                    f"SPNGD state_dict: momentum_buffer of parameter {key} has shape "
+                    f"{getattr(buf, 'shape', type(buf))}, the parameter {shape_of.get(key)}"
+                )
+            if not bool(torch.isfinite(buf).all()):
+                raise ValueError(
+                    f"SPNGD state_dict: momentum_buffer of parameter {key} is not finite"
+                )
         super().load_state_dict(state_dict)
         # super() casts state to each parameter's dtype; momentum stays float32 for bf16/fp16
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -6,7 +6,19 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_number"]
+__all__ = [
+    "FLOAT32_MAX",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_unique_params",
+]
+
+#: hyperparameters enter float32 arithmetic: larger magnitudes would overflow there
+FLOAT32_MAX = 3.4028234663852886e38
+#: integer options beyond this are not meaningful and could overflow C integers
+INT_MAX = 2**62
 
 
 def check_number(
@@ -24,7 +36,15 @@ def check_number(
     interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}") from None
+    if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+        raise ValueError(
+            f"{name}={value!r} is too large: optimizer arithmetic is float32 or wider, whose "
+            f"largest value is {FLOAT32_MAX:.4g}"
+        )
     ok = math.isfinite(v)
     if ok and low is not None:
         ok = v > low if low_open else v >= low
@@ -38,10 +58,29 @@ def check_number(
 def check_int(name: str, value: Any, *, low: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT_MAX:
         extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+        raise ValueError(f"{name} must be an integer in [{low}, 2**62]{extra}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` itself (no truthy strings or numbers)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_unique_params(params: Any, what: str) -> None:
+    """Refuse a parameter listed twice in one group (it would get twice the step)."""
+    seen: set[int] = set()
+    for k, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(
+                f"{what}: parameter {k} (shape {tuple(p.shape)}) is listed twice in its group; "
+                "each parameter may appear once"
+            )
+        seen.add(id(p))
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:

@@ -71,7 +71,7 @@ def _damage_nlcg(kind: str, state: dict[str, Any]) -> tuple[dict[str, Any], str]
     "kind", ["nan-buffer", "reshaped-buffer", "nan-lr", "negative-lr", "string-lr", "beta-rule"]
 )
 def test_nlcg_refuses_damaged_state_and_stays_usable(kind: str) -> None:
-    source_model, source = _trained(_nlcg)
+    _, source = _trained(_nlcg)
     state, message = _damage_nlcg(kind, source.state_dict())
     model, opt = _trained(_nlcg)
     before = [p.detach().clone() for p in model.parameters()]

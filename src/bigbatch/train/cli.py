@@ -40,6 +40,7 @@ from bigbatch.train.dist_env import (
 )
 from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.malloc_tuning import tune_malloc
+from bigbatch.train.metrics import MetricsError
 from bigbatch.train.models import MODEL_NAMES
 from bigbatch.train.optimizers import OPTIMIZERS
 
@@ -92,6 +93,11 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in --out"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds an earlier run (its files are replaced)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -288,8 +294,10 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
         launch, resume = (
             (None, True) if args.resume else _after_restart(ctx, args.command, args.out)
         )
+        if args.command == "train" and not resume and not args.overwrite:
+            _refuse_earlier_run(args.out)
         return _run(args.command, cfg, dataset, args.out, resume, command, launch)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, MetricsError) as exc:
         _error(str(exc))
         return 2
     except PeerRankError as exc:
@@ -302,6 +310,17 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
                 file=sys.stderr,
             )
         return 130
+
+
+def _refuse_earlier_run(out: Path) -> None:
+    """``train`` into a folder holding an earlier run would replace its checkpoint and
+    metrics without a word: ask for ``--resume`` or ``--overwrite``."""
+    earlier = [n for n in ("checkpoint.pt", "metrics.jsonl") if (out / n).is_file()]
+    if earlier and (out / earlier[0]).stat().st_size > 0:
+        raise ConfigError(
+            f"--out {out} holds an earlier run ({', '.join(earlier)}): add --resume to continue "
+            "it, or --overwrite to start over there"
+        )
 
 
 def _after_restart(ctx: DistContext, command: str, out: Path) -> tuple[str | None, bool]:

@@ -483,8 +483,19 @@ class TrainingRun:
 
     def load(self, state: dict[str, Any]) -> None:
         _check_same_run(state.get("config", {}), self.cfg.to_dict(), self.checkpoint_path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.total_steps:
+            raise CheckpointError(
+                f"the checkpoint {self.checkpoint_path} is at step {step!r}, outside this "
+                f"run's 0..{self.total_steps}: not a checkpoint of this run"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(
+                f"the checkpoint {self.checkpoint_path} cannot be resumed: {exc}"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         mixup = state["mixup"]
         if isinstance(mixup, list):  # written by a data-parallel run: one state per rank

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "read_metrics"]
+__all__ = ["MetricsError", "MetricsLog", "read_metrics"]
 
 #: Fields that depend on the machine's speed; they differ between equal runs.
 TIMING_FIELDS = ("wall_s",)
@@ -63,9 +63,26 @@ class MetricsLog:
             self._writer.close()
 
 
+class MetricsError(ValueError):
+    """A metrics file holds a line that is not a record."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (empty if it does not exist)."""
+    """The records of a ``metrics.jsonl`` file (empty if it does not exist). A partial LAST
+    line (a write cut off by a kill) is dropped; a bad line elsewhere is an error naming it."""
     file = Path(path)
     if not file.is_file():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break  # torn by a kill mid-write: the checkpoint's step decides what is kept
+            raise MetricsError(f"{file}, line {k + 1}: not a JSON record: {line[:60]!r}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise MetricsError(f"{file}, line {k + 1}: not a metrics record")
+        records.append(record)
+    return records

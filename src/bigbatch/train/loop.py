@@ -489,6 +489,13 @@ class TrainingRun:
                 f"the checkpoint {self.checkpoint_path} is at step {step!r}, outside this "
                 f"run's 0..{self.total_steps}: not a checkpoint of this run"
             )
+        for key, value in state.get("model", {}).items():
+            floating = isinstance(value, Tensor) and value.is_floating_point()
+            if floating and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"the checkpoint {self.checkpoint_path} cannot be resumed: model "
+                    f"entry {key!r} is not finite"
+                )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

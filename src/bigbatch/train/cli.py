@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -43,6 +42,7 @@ from bigbatch.train.malloc_tuning import tune_malloc
 from bigbatch.train.metrics import MetricsError
 from bigbatch.train.models import MODEL_NAMES
 from bigbatch.train.optimizers import OPTIMIZERS
+from bigbatch.train.process_lifetime import run_launcher, watch_parent
 
 __all__ = ["main"]
 
@@ -238,15 +238,7 @@ def _launch(nproc: int, argv: Sequence[str], max_restarts: int) -> int:
     env = dict(os.environ)
     # torchrun would give every process 1 thread; share the machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(launch_command(nproc, argv, max_restarts), env=env)
-    interrupted = False
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except KeyboardInterrupt:  # the workers checkpoint and stop; keep waiting for them
-            interrupted = True
-    return 130 if interrupted and code != 0 else code
+    return run_launcher(launch_command(nproc, argv, max_restarts), env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "bigbatch " + " ".join(shlex.quote(a) for a in arguments)
     if args.dist_timeout is not None:
         os.environ[TIMEOUT_ENV] = str(args.dist_timeout)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop when the agent is gone
+        watch_parent()
     code = 1
     try:
         code = _main(args, arguments, command)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MIN_DAMPING",
     "DampedInverter",
     "InversionConfig",
     "InversionError",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 METHODS = ("eigh", "cholesky")
+#: the smallest Tikhonov damping the optimizers accept: below it no float arithmetic keeps a
+#: rank-deficient factor (fewer samples than dimensions) invertible
+MIN_DAMPING = 1e-10
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -110,9 +114,11 @@ class InversionConfig:
         if (
             isinstance(self.max_failures, bool)
             or not isinstance(self.max_failures, int)
-            or self.max_failures < 1
+            or not 1 <= self.max_failures <= 10**6
         ):
-            raise ValueError(f"max_failures must be an int >= 1, got {self.max_failures!r}")
+            raise ValueError(
+                f"max_failures must be an int in [1, 10**6], got {self.max_failures!r}"
+            )
         if not isinstance(self.float64_retry, bool):
             raise ValueError(f"float64_retry must be a bool, got {self.float64_retry!r}")
 

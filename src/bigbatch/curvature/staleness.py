@@ -56,13 +56,11 @@ class StalenessConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"staleness enabled must be True or False, got {self.enabled!r}")
-        if (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, int | float)
-            or not (math.isfinite(self.threshold) and self.threshold > 0.0)
-        ):
-            raise ValueError(f"staleness threshold must be > 0, got {self.threshold!r}")
-        if not (isinstance(self.smoothing, int | float) and 0.0 <= self.smoothing < 1.0):
+        if not (_real(self.threshold) and 0.0 < self.threshold <= 1e30):
+            raise ValueError(
+                f"staleness threshold must be a number in (0, 1e30], got {self.threshold!r}"
+            )
+        if not (_real(self.smoothing) and 0.0 <= self.smoothing < 1.0):
             raise ValueError(f"staleness smoothing must lie in [0, 1), got {self.smoothing!r}")
         for name in ("min_interval", "max_interval", "initial_interval"):
             value = getattr(self, name)
@@ -80,6 +78,15 @@ class StalenessConfig:
                 "staleness initial_interval must lie in [min_interval, max_interval], got "
                 f"{self.initial_interval!r}"
             )
+
+
+def _real(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(float(value) if abs(value) < 1e308 else math.inf)
+    )
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bigbatch.curvature.engine import KFACEngine
 from bigbatch.curvature.keys import KFAC_APPROX, KFACApprox
-from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.linalg import MIN_DAMPING, InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.curvature.strategy import CurvatureStrategy
 from bigbatch.distributed.config import DistributedConfig
@@ -58,7 +58,7 @@ class KFACPreconditioner(Preconditioner):
         kfac_approx: KFACApprox = "expand",
         distributed: bool | None = None,
     ) -> None:
-        self.damping = check_number("damping", damping, low=0.0, low_open=True)
+        self.damping = check_number("damping", damping, low=MIN_DAMPING)
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
         model, _ = unwrap(model)

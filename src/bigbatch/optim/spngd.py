@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from bigbatch.curvature.blocks.base import FisherBlock
 from bigbatch.curvature.engine import KFACEngine
 from bigbatch.curvature.keys import KFAC_APPROX, BlockKind, KFACApprox
-from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.linalg import MIN_DAMPING, InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.curvature.strategy import CurvatureStrategy, RefreshReport
 from bigbatch.distributed.config import DistributedConfig
@@ -475,7 +475,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
 def _check_group(group: dict[str, Any]) -> None:
     check_number("lr", group["lr"], low=0.0)
     check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-    check_number("damping", group["damping"], low=0.0, low_open=True)
+    check_number("damping", group["damping"], low=MIN_DAMPING)
     check_number("weight_decay", group["weight_decay"], low=0.0)
     if not isinstance(group["weight_rescale"], bool):
         raise ValueError(f"weight_rescale must be True or False, got {group['weight_rescale']!r}")

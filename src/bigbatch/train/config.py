@@ -12,6 +12,7 @@ them (``optimizers.py``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import sys
@@ -20,7 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +58,19 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` is no batch size: a bool for a numeric key is an error, not 1."""
+        field = cls.model_fields.get(info.field_name or "")
+        numeric = {int, float, int | None, float | None}
+        if isinstance(value, bool) and field is not None and field.annotation in numeric:
+            raise ValueError(f"must be a number, got the boolean {value!r}")
+        return value
 
 
 class DataConfig(_Section):
@@ -210,10 +231,10 @@ def config_from_mapping(data: Mapping[str, Any], *, origin: str = "configuration
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, then apply overrides."""
     data: dict[str, Any] = {}
-    origin = "defaults"
+    origin = "settings (command line)" if overrides else "defaults"
     if path is not None:
         file = Path(path)
-        origin = str(file)
+        origin = f"configuration ({file} and the command line)" if overrides else str(file)
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         data = _read_file(file)
@@ -281,6 +302,17 @@ def _read_file(file: Path) -> dict[str, Any]:
     return loaded
 
 
+def _known_keys(loc: Sequence[Any]) -> list[str]:
+    """The keys valid where ``loc`` points (for "did you mean")."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid {origin}:"]
     for err in exc.errors():
@@ -288,5 +320,9 @@ def _describe(exc: ValidationError, origin: str) -> str:
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+            close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), n=1)
+            if close:
+                prefix = ".".join(str(p) for p in err["loc"][:-1])
+                message += f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)

@@ -43,6 +43,8 @@ BatchNorm weight 1 and bias 0. Seed the global generator (``torch.manual_seed``)
 
 from __future__ import annotations
 
+import difflib
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -236,7 +238,9 @@ def build_model(
             naming the argument.
     """
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+        close = difflib.get_close_matches(str(name), list(MODEL_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (valid names: {', '.join(MODEL_NAMES)})")
     _check_positive_int("in_channels", in_channels)
     _check_positive_int("image_size", image_size, _MIN_IMAGE_SIZE[name])
     _check_positive_int("num_classes", num_classes, 2)

@@ -12,6 +12,7 @@ Not here: the training loop itself, schedules (``schedules.py``).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,9 @@ def optimizer_spec(name: str, key: str = "optimizer.name") -> OptimizerSpec:
         return OPTIMIZERS[name]
     except KeyError:
         known = ", ".join(OPTIMIZERS)
-        raise ConfigError(f"{key}: unknown optimizer {name!r}; known: {known}") from None
+        close = difflib.get_close_matches(str(name), list(OPTIMIZERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: unknown optimizer {name!r}{hint} (known: {known})") from None
 
 
 def averages_own_gradients(cfg: OptimizerConfig) -> bool:

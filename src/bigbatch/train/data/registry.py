@@ -12,6 +12,7 @@ anywhere in the search path; without them, a ``cifar10-jpeg.tar.xz`` archive or 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 
@@ -71,7 +72,11 @@ def load_dataset(
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        close = difflib.get_close_matches(str(key), list(DATASET_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown dataset {name!r}{hint} (valid names: {', '.join(DATASET_NAMES)})"
+        )
     if key in idx.SPECS:
         return _load_idx(idx.SPECS[key], data_dir, download, cache_dir)
     if key in cifar_pickle.SPECS:

@@ -117,9 +117,10 @@ def test_only_value_and_type_errors_escape_and_accepted_values_work(
                     opt = build(model, keyword, value)
             except (ValueError, TypeError) as exc:
                 refused += 1
-                assert str(exc), (keyword, value)
+                if not str(exc):
+                    unclear.append(f"{keyword}={value!r}: {type(exc).__name__} with no message")
                 continue
-            except Exception as exc:  # noqa: BLE001 - the point of the test
+            except Exception as exc:
                 unclear.append(f"{keyword}={value!r}: {type(exc).__name__}: {exc}")
                 continue
             accepted += 1
@@ -137,13 +138,14 @@ def test_only_value_and_type_errors_escape_and_accepted_values_work(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     _step(model, opt)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 unclear.append(f"{keyword}={value!r}: accepted, then {type(exc).__name__}: {exc}")
                 continue
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 unclear.append(f"{keyword}={value!r}: accepted, then non-finite weights")
     assert not unclear, f"{name}: {len(unclear)} unclear outcomes:\n" + "\n".join(unclear[:20])
-    assert accepted and refused  # the fuzz reached both sides
+    assert accepted  # the fuzz reached both sides
+    assert refused
 
 
 CONFIG_VALUES = [
@@ -173,9 +175,11 @@ def test_config_overrides_fail_only_with_a_config_error() -> None:
             try:
                 cfg = load_config(None, [f"{key}={raw}"])
             except ConfigError as exc:
-                assert key.split(".")[-1] in str(exc) or key.split(".")[0] in str(exc), (key, raw)
+                section_name, name_part = key.split(".")
+                if name_part not in str(exc) and section_name not in str(exc):
+                    unclear.append(f"{key}={raw}: the error does not name the key: {exc}")
                 continue
-            except Exception as exc:  # noqa: BLE001 - the point of the test
+            except Exception as exc:
                 unclear.append(f"{key}={raw}: {type(exc).__name__}: {exc}")
                 continue
             section, name = key.split(".")

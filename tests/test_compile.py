@@ -127,3 +127,32 @@ def test_two_compiled_copies_of_one_model_class() -> None:
         _train(net, opt)
     for model, opt in zip(models, opts, strict=True):
         _check(model, opt, want)
+
+
+def test_deep_copies_of_a_compiled_batchnorm_cnn_stepped_in_turn() -> None:
+    """SGD, SPNGD and NLCG-K-FAC on deep copies of one compiled BatchNorm CNN, stepped in
+    turn (the SGD copy compiles first, without hooks): both curvature optimizers record."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)
+    )
+    models = [copy.deepcopy(torch.compile(base, backend=BACKEND)) for _ in range(3)]
+    opts: list[Any] = [
+        torch.optim.SGD(models[0].parameters(), lr=0.1),
+        SPNGD(models[1], lr=0.05),
+        NLCG(models[2].parameters(), lr=0.05, preconditioner=KFACPreconditioner(models[2])),
+    ]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    for _ in range(6):
+        for model, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step(loss=loss) if isinstance(opt, NLCG) else opt.step()
+    for opt in opts[1:]:
+        engine = _engine(opt)
+        assert len(engine.stats) == 5  # conv A, G; BN F; linear A, G
+        assert engine.schedule.refresh_fraction > 0.3

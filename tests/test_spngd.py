@@ -602,3 +602,48 @@ def test_foreign_or_damaged_curvature_state_is_refused_and_nothing_changes() -> 
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
     train(model, opt)  # still usable
     assert opt.engine.step == 2
+
+
+def test_mc_fisher_for_mse_matches_the_ggn_of_mean_squared_error() -> None:
+    """``mc_backward(outputs, "mse")`` estimates the GGN of ``F.mse_loss`` (the mean over all
+    N D entries), which curvlinops' type-2 K-FAC computes exactly; float64 stays float64."""
+    import curvlinops
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    kfac = curvlinops.KFACLinearOperator(
+        model, nn.MSELoss(), list(model.parameters()), [(x, t)], fisher_type="type-2",
+        separate_weight_and_bias=False, num_data=10, check_deterministic=False,
+    )  # fmt: skip
+    kfac.compute_kronecker_factors()
+    exact = kfac.state_dict()["gradient_covariances"]["2"]
+    opt = SPNGD(model, lr=0.0, momentum=0.0, fisher="mc", staleness=False)
+    total = torch.zeros_like(exact)
+    rounds = 400
+    for _ in range(rounds):
+        opt.zero_grad()
+        out = model(x)
+        opt.mc_backward(out, "mse")
+        F.mse_loss(out, t).backward()
+        opt.step()
+        g = opt.engine.stats[("2", Factor.G)]
+        assert g.dtype == torch.float64
+        total += g / rounds
+    rel = float(torch.linalg.norm(total - exact) / torch.linalg.norm(exact))
+    assert rel < 0.08, rel
+
+
+def test_a_frozen_bias_is_neither_preconditioned_nor_called_a_fallback() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].bias.requires_grad_(False)
+    opt = SPNGD(model, lr=0.1)
+    assert opt.fallback_parameters == []
+    block = opt.engine.blocks["0"]
+    assert block.params == (model[0].weight,)  # the K-FAC block has no bias column
+    bias = model[0].bias.detach().clone()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].bias, bias)

@@ -40,7 +40,7 @@ from bigbatch.optim.validation import (
 __all__ = ["SPNGD"]
 
 _NONFINITE_POLICIES = ("skip", "raise")
-_MC_LOSSES = ("cross_entropy", "mse")
+_MC_LOSSES = ("cross_entropy", "mse", "gaussian")
 
 
 class SPNGD(Optimizer):
@@ -182,8 +182,10 @@ class SPNGD(Optimizer):
         ]
         in_blocks = {p for b in self._blocks for p in b.params}
         names = {p: n for n, p in model.named_parameters()}
-        self.fallback_parameters = [
-            names.get(p, "<unnamed>") for p in self._group_of if p not in in_blocks
+        self.fallback_parameters = [  # frozen ones are never updated: not "fallback"
+            names.get(p, "<unnamed>")
+            for p in self._group_of
+            if p not in in_blocks and p.requires_grad
         ]
         if self.fallback_parameters:
             reasons = dict(self.engine.capture.unsupported)
@@ -213,11 +215,15 @@ class SPNGD(Optimizer):
     def mc_backward(self, outputs: Tensor, loss: str = "cross_entropy") -> None:
         """One Monte Carlo Fisher backward from ``outputs`` (``fisher="mc"`` only).
 
-        Samples one label per example from the model's predictive distribution
-        (categorical for ``"cross_entropy"`` on logits of shape (N, C) or (N, ..., C);
-        unit-variance Gaussian for ``"mse"``) and backpropagates the summed negative
-        log-likelihood, feeding only the curvature statistics (no ``.grad`` is touched).
-        Call it before ``loss.backward()``; it does nothing on steps with no statistic due.
+        Samples one label per example from the model's predictive distribution and
+        backpropagates the summed negative log-likelihood, feeding only the curvature
+        statistics (no ``.grad`` is touched), so that ``G`` estimates the GGN of the loss the
+        loop trains with: ``"cross_entropy"`` (categorical, logits of shape (N, C) or
+        (N, ..., C)); ``"mse"`` for ``F.mse_loss`` (the MEAN over all N D entries: a Gaussian
+        scaled so its output Hessian is ``2 / D``, as that loss's); ``"gaussian"`` for
+        ``0.5 ||f - t||^2`` summed over the D outputs (unit variance). Computed in the
+        outputs' precision (float64 stays float64). Call it before ``loss.backward()``; it
+        does nothing on steps with no statistic due.
         """
         if self.engine.capture.fisher != "mc":
             raise ValueError("mc_backward needs SPNGD(..., fisher='mc')")
@@ -226,19 +232,20 @@ class SPNGD(Optimizer):
             return
         if not outputs.requires_grad:
             raise ValueError("mc_backward needs the model outputs with their autograd graph")
+        wide = outputs if outputs.dtype in (torch.float32, torch.float64) else outputs.float()
         with torch.no_grad():
-            detached = outputs.detach().float()
+            detached = wide.detach()
             if loss == "cross_entropy":
                 logits = detached.reshape(-1, detached.shape[-1])
                 sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
             else:
                 sampled_y = detached + torch.randn_like(detached)
         if loss == "cross_entropy":
-            nll = F.cross_entropy(
-                outputs.reshape(-1, outputs.shape[-1]).float(), sampled, reduction="sum"
-            )
+            nll = F.cross_entropy(wide.reshape(-1, wide.shape[-1]), sampled, reduction="sum")
         else:
-            nll = 0.5 * (outputs.float() - sampled_y).square().sum()
+            nll = 0.5 * (wide - sampled_y).square().sum()
+            if loss == "mse":  # F.mse_loss: output Hessian 2 / D per entry, not 1
+                nll = nll * math.sqrt(2.0 / wide.shape[-1])
         leaves = [p for b in self._blocks for p in b.params]
         with self.engine.capture.monte_carlo():
             torch.autograd.grad(nll, leaves, retain_graph=True, allow_unused=True)

@@ -14,6 +14,7 @@ machine or several (see ``dist_env.py``). Rank 0 alone prints, writes and report
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shlex
 import sys
@@ -150,7 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sweep, "runs/sweep")
     sweep.add_argument("--optimizers", help="comma-separated optimizer names")
     sweep.add_argument("--batch-sizes", help="comma-separated batch sizes (sets sweep.batch_sizes)")
+    parser.set_defaults(_subparsers={"train": train, "compare": compare, "sweep": sweep})
     return parser
+
+
+def _parse(arguments: list[str]) -> argparse.Namespace:
+    """Parse; an unknown option is reported by its subcommand's parser (its usage, and a
+    "did you mean" among its options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(arguments)
+    if extra:
+        sub: argparse.ArgumentParser = args._subparsers[args.command]
+        options = [o for action in sub._actions for o in action.option_strings]
+        unknown = next((e for e in extra if e.startswith("-")), extra[0])
+        close = difflib.get_close_matches(unknown.split("=")[0], options, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -244,7 +261,7 @@ def _launch(nproc: int, argv: Sequence[str], max_restarts: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bigbatch`` console script; returns the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(arguments)
+    args = _parse(arguments)
     tune_malloc()
     command = "bigbatch " + " ".join(shlex.quote(a) for a in arguments)
     if args.dist_timeout is not None:
@@ -262,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
     try:
         cfg = load_config(args.config, _overrides(args))
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a file; --out names a folder for the run")
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
         if args.max_restarts < 0:

@@ -152,7 +152,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: Literal["auto", "always", "never"] = "auto"
     tensorboard: bool = False
-    #: Stop a run whose training loss exceeds this multiple of its first loss (or is NaN).
+    #: Stop a run as "diverged" when its training loss is NaN/Inf or exceeds this multiple
+    #: of its lowest loss so far (that minimum floored at a tenth of the first loss).
     divergence_factor: float = Field(default=10.0, gt=1)
 
     @model_validator(mode="after")

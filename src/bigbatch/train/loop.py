@@ -157,7 +157,10 @@ class RunResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError(
+            "train.device is 'cuda' but no CUDA device is available here (torch "
+            f"{torch.__version__}); use train.device=cpu or auto"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -239,9 +242,8 @@ class TrainingRun:
         self.optimizer = build_optimizer(self.model, self._optimizer_config())
         self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
         s = cfg.schedule
-        self.scheduler = LambdaLR(
-            self.optimizer,
-            lr_factor_fn(
+        try:
+            factor = lr_factor_fn(
                 s.kind,
                 total_steps=self.total_steps,
                 warmup_steps=min(round(s.warmup_epochs * spe), self.total_steps - 1),
@@ -249,8 +251,10 @@ class TrainingRun:
                 milestones=s.milestones,
                 gamma=s.gamma,
                 final_factor=s.final_factor,
-            ),
-        )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"schedule: {exc}") from None
+        self.scheduler = LambdaLR(self.optimizer, factor)
         r = cfg.recipe
         self.mixup = Mixup(r.mixup_alpha, running=r.running_mixup) if r.mixup_alpha else None
         self.ema = make_ema(self.model, r.ema_decay) if r.ema_decay > 0 else None
@@ -261,6 +265,7 @@ class TrainingRun:
         self._stop_requested = False
         self.step = 0
         self.first_loss: float | None = None
+        self.min_loss = math.inf  # the lowest training loss so far (divergence reference)
         self.loss_sum = 0.0
         self.loss_count = 0
         self.elapsed = 0.0
@@ -409,11 +414,15 @@ class TrainingRun:
         value = float(total)
         if self.first_loss is None:
             self.first_loss = value
-        limit = self.cfg.train.divergence_factor * max(self.first_loss, 1e-12)
+        # diverged: NaN, or the loss grew by the factor over its running minimum (floored at
+        # a tenth of the first loss, so noise on an almost-zero loss is no divergence)
+        reference = max(min(self.min_loss, value), 0.1 * self.first_loss, 1e-12)
+        limit = self.cfg.train.divergence_factor * reference
         if not math.isfinite(value) or value > limit:
             self.status = "diverged"
             self.optimizer.zero_grad(set_to_none=True)
             return value
+        self.min_loss = min(self.min_loss, value)
         if isinstance(self.optimizer, NLCG):
             self.optimizer.step(loss=total)
         else:
@@ -461,6 +470,7 @@ class TrainingRun:
             "mixup": mixup,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "first_loss": self.first_loss,
+            "min_loss": self.min_loss,
             "loss_sum": self.loss_sum,
             "loss_count": self.loss_count,
             "elapsed": self.elapsed,
@@ -519,6 +529,7 @@ class TrainingRun:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
         self.first_loss = state["first_loss"]
+        self.min_loss = float(state.get("min_loss", math.inf))
         self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
         self.elapsed = float(state["elapsed"])
         self.status = str(state["status"])

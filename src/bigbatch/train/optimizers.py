@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.optim import NLCG, SPNGD, KFACPreconditioner
 from bigbatch.train.config import ConfigError, OptimizerConfig
 
@@ -85,20 +87,43 @@ def _lamb(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optim
     return optimizer
 
 
+def _curvature_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Config-file forms of the curvature options: ``inversion: eigh`` or a mapping, and
+    ``staleness`` as a mapping, become the config objects the optimizers take."""
+    opts = dict(opts)
+    inversion = opts.get("inversion")
+    if isinstance(inversion, str):
+        opts["inversion"] = InversionConfig(method=inversion)
+    elif isinstance(inversion, Mapping):
+        opts["inversion"] = InversionConfig(**inversion)
+    staleness = opts.get("staleness")
+    if isinstance(staleness, Mapping):
+        opts["staleness"] = StalenessConfig(**staleness)
+    return opts
+
+
 def _nlcg(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
     """NLCG; ``preconditioner: kfac`` builds the K-FAC preconditioner on ``model``, with
     ``kfac_damping`` (default 1e-3) as its damping."""
     opts = dict(opts)
     damping = opts.pop("kfac_damping", None)
+    kfac = {
+        k: opts.pop(k) for k in ("kfac_approx", "kfac_staleness", "kfac_inversion") if k in opts
+    }
     if isinstance(opts.get("preconditioner"), str) and opts["preconditioner"].lower() == "kfac":
-        opts["preconditioner"] = KFACPreconditioner(model, 1e-3 if damping is None else damping)
+        extra = _curvature_options(
+            {k.removeprefix("kfac_") if k != "kfac_approx" else k: v for k, v in kfac.items()}
+        )
+        opts["preconditioner"] = KFACPreconditioner(
+            model, 1e-3 if damping is None else damping, **extra
+        )
     elif damping is not None:
         raise ValueError("kfac_damping is only used with preconditioner 'kfac'")
     return NLCG(_decay_groups(model, wd), lr=lr, **opts)
 
 
 def _spngd(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
-    return SPNGD(model, lr=lr, params=_decay_groups(model, wd), **opts)
+    return SPNGD(model, lr=lr, params=_decay_groups(model, wd), **_curvature_options(opts))
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {

@@ -440,8 +440,13 @@ def test_image_folder_truncated_archive(tmp_path: Path, cache: Path) -> None:
         load_dataset("image-folder", archive, cache_dir=cache)
 
 
-def test_cifar10_falls_back_to_jpeg_folder(tmp_path: Path, cache: Path) -> None:
+def test_cifar10_falls_back_to_jpeg_folder(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bigbatch.train.data import registry
     from bigbatch.train.data.registry import CIFAR10_CLASSES
+
+    monkeypatch.setattr(registry, "CIFAR10_JPEG_COUNTS", (10, 10))  # a miniature copy
 
     rng = np.random.default_rng(5)
     files = {}
@@ -471,6 +476,27 @@ def test_cifar10_falls_back_to_jpeg_folder(tmp_path: Path, cache: Path) -> None:
     folder = write_dir(data_dir / "cifar10-jpeg", files)
     ds2 = load_dataset("cifar10", data_dir, cache_dir=cache)
     assert (ds2.name, ds2.source) == ("cifar10-jpeg", str(folder))
+
+
+def test_a_partial_cifar10_jpeg_copy_is_refused(tmp_path: Path, cache: Path) -> None:
+    from bigbatch.train.data.registry import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(6)
+    files = {}
+    for split in ("train", "test"):
+        for cls in CIFAR10_CLASSES:
+            arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            files[f"{split}/{cls}/0000.png"] = (
+                image_bytes(arr, "PNG"),
+                arr.transpose(2, 0, 1),
+                cls,
+            )
+    data_dir = tmp_path / "data"
+    write_dir(data_dir / "cifar10-jpeg", files)
+    with pytest.raises(
+        DatasetError, match=r"10 training and 10 test images; CIFAR-10 \(JPEG\) has 50,000"
+    ):
+        load_dataset("cifar10", data_dir, cache_dir=cache)
 
 
 def test_cifar10_official_pickles_beat_jpeg(

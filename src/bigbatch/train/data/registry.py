@@ -36,6 +36,8 @@ DATASET_NAMES = (
     "text",
 )
 CIFAR10_JPEG = "cifar10-jpeg"
+#: the images a complete CIFAR-10 (JPEG) copy holds: (train, test)
+CIFAR10_JPEG_COUNTS = (50_000, 10_000)
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -159,6 +161,13 @@ def _load_cifar(
                 raise DatasetError(
                     f"{jpeg}: not CIFAR-10: classes {ds.classes}, images {ds.input_shape}; "
                     f"expected {CIFAR10_CLASSES} and 3x32x32"
+                )
+            counts = (len(ds.train_y), len(ds.test_y))
+            if counts != CIFAR10_JPEG_COUNTS:
+                raise DatasetError(
+                    f"{jpeg}: {counts[0]:,} training and {counts[1]:,} test images; CIFAR-10 "
+                    f"(JPEG) has {CIFAR10_JPEG_COUNTS[0]:,} and {CIFAR10_JPEG_COUNTS[1]:,} (a "
+                    "partial copy? load a subset as --dataset image-folder instead)"
                 )
             return ds
     if source is None:

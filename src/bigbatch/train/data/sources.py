@@ -45,11 +45,21 @@ SYSTEM_ROOT = Path("/usr/share/datasets")
 USER_ROOT = Path("~/.cache/bigbatch")
 DOWNLOAD_TIMEOUT_S = 60.0
 
-#: The line every "not found" / "download failed" message ends with: never a silent fallback.
-DIGITS_HINT = (
-    "  - offline with no copy at all: load_dataset('digits') (--dataset digits) trains on "
-    "scikit-learn's bundled 8x8 digits, a tiny always-available set (a different dataset)."
-)
+
+def _digits_hint() -> str:
+    """The line "not found" messages end with, offering scikit-learn's digits only where
+    scikit-learn is installed (never a silent fallback)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        return (
+            "  - offline with no copy at all: pip install scikit-learn, then --dataset digits "
+            "trains on its bundled 8x8 digits (a tiny, different dataset)."
+        )
+    return (
+        "  - offline with no copy at all: load_dataset('digits') (--dataset digits) trains on "
+        "scikit-learn's bundled 8x8 digits, a tiny always-available set (a different dataset)."
+    )
 
 
 def system_dir(name: str) -> Path:
@@ -127,7 +137,7 @@ def download_file(url: str, dest: Path, expected_md5: str, *, timeout: float | N
         raise DatasetError(
             f"downloading {url} to {dest} failed ({type(exc).__name__}: {exc}).\n"
             "If this machine is offline, copy the files here by hand (or point data_dir / "
-            f"{ENV_VAR} at a copy), or:\n{DIGITS_HINT}"
+            f"{ENV_VAR} at a copy), or:\n{_digits_hint()}"
         ) from exc
     finally:
         if tmp is not None:
@@ -163,5 +173,5 @@ def missing_message(
     ]
     if url is not None:
         lines.append(f"  - pass --download (download=True) to fetch them from {url};")
-    lines.append(DIGITS_HINT)
+    lines.append(_digits_hint())
     return "\n".join(lines)

@@ -101,3 +101,19 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
     for name in (cfg.optimizer.name, *cfg.compare.optimizers):
         optimizer_spec(name)
+
+
+def test_the_config_reference_is_complete_and_current() -> None:
+    """docs/config.md lists every key, as the generator prints it today."""
+    from pathlib import Path
+
+    from bigbatch.train.config import Config
+    from bigbatch.train.config_reference import render
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert text == render(), (
+        "regenerate: python -m bigbatch.train.config_reference > docs/config.md"
+    )
+    for section, field in Config.model_fields.items():
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"`{section}.{key}`" in text

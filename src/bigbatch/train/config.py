@@ -76,9 +76,14 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset, where it is, and how much of the training set is held out."""
 
+    #: The dataset (fashion-mnist, mnist, cifar10, cifar100, image-folder, digits, text).
     name: str = "fashion-mnist"
+    #: Searched first for the files; for image-folder the folder or archive, for text the
+    #: file. Also $BIGBATCH_DATA_DIR, /usr/share/datasets/<name>, ~/.cache/bigbatch/<name>.
     data_dir: str | None = None
+    #: Fetch the official files (checksum-verified) when no copy is found.
     download: bool = False
+    #: Where decoded arrays are cached (default ~/.cache/bigbatch/decoded).
     cache_dir: str | None = None
     #: Images held out of the training set (a fixed seeded choice) to pick learning rates
     #: on; None = min(5000, a tenth of the training set); 0 = none, and learning rates are
@@ -91,43 +96,65 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network; ``depth``/``heads``/``attention``/``dropout`` are the language model's."""
 
+    #: mlp, cnn, resnet20/32/56 (images) or gpt (text).
     name: str = "cnn"
+    #: Hidden units (mlp), first-stage channels (cnn, resnets) or model width (gpt);
+    #: None takes the model's default.
     width: int | None = Field(default=None, gt=0)
+    #: gpt: transformer blocks.
     depth: int = Field(default=2, gt=0)
+    #: gpt: attention heads (width must be a multiple).
     heads: int = Field(default=4, gt=0)
     #: "mha": nn.TransformerEncoderLayer blocks; "linear": nn.Linear projections + SDPA
     attention: Literal["mha", "linear"] = "mha"
+    #: gpt: dropout probability in the blocks.
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class OptimizerConfig(_Section):
     """One optimizer. ``options`` go to its constructor unchanged (and are checked there)."""
 
+    #: sgd, momentum, nesterov, adam, adamw, lars, lamb, nlcg or spngd.
     name: str = "momentum"
+    #: Peak learning rate (the schedule scales it every step).
     lr: float = Field(default=0.1, gt=0)
+    #: Weight decay on weights (matrices, kernels); biases and norm parameters get none.
     weight_decay: float = Field(default=5e-4, ge=0)
+    #: Constructor options, e.g. damping for spngd, preconditioner for nlcg (kfac, bfgs).
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ScheduleConfig(_Section):
     """Learning-rate schedule, evaluated every step: linear warm-up, then a decay."""
 
+    #: The decay after the warm-up.
     kind: Literal["constant", "polynomial", "step", "cosine"] = "cosine"
+    #: Linear warm-up from 0, in epochs.
     warmup_epochs: float = Field(default=1.0, ge=0)
+    #: polynomial: the exponent of the decay.
     power: float = Field(default=2.0, gt=0)
+    #: step: fractions of the run where the lr is multiplied by gamma.
     milestones: tuple[float, ...] = (0.5, 0.75)
+    #: step: the factor at each milestone.
     gamma: float = Field(default=0.1, gt=0)
+    #: polynomial/cosine: the lr factor at the end of the run.
     final_factor: float = Field(default=0.0, ge=0, le=1)
 
 
 class RecipeConfig(_Section):
     """Large-batch regularisation: targets, mixing, augmentation, weight averaging."""
 
+    #: Label smoothing of the targets (images).
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    #: Mixup's Beta(alpha, alpha) parameter; 0 switches mixup off (images).
     mixup_alpha: float = Field(default=0.0, ge=0)
+    #: Running mixup (SP-NGD's recipe): mix with the previous step's batch.
     running_mixup: bool = False
+    #: Random crop with this zero padding (images); 0 switches it off.
     crop_padding: int = Field(default=0, ge=0)
+    #: Random horizontal flips (images).
     flip: bool = False
+    #: Random erasing probability (images).
     random_erasing: float = Field(default=0.0, ge=0, le=1)
     #: Exponential moving average of the weights used for evaluation; 0 switches it off.
     ema_decay: float = Field(default=0.0, ge=0, lt=1)
@@ -136,8 +163,11 @@ class RecipeConfig(_Section):
 class TrainConfig(_Section):
     """The budget and the bookkeeping of one run."""
 
+    #: Seed of the initial weights and of every random choice of a step.
     seed: int = Field(default=0, ge=0)
+    #: The budget, in passes over the training set (text: over its characters).
     epochs: float = Field(default=12.0, gt=0)
+    #: The global batch (all micro-batches, all processes) of one step.
     batch_size: int = Field(default=8192, gt=0)
     #: Samples per forward/backward; the batch is accumulated over batch/micro_batch_size
     #: micro-batches. 0 = the whole batch at once; -1 = chosen automatically from memory.
@@ -148,9 +178,13 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=0, ge=0)
     #: Test accuracy whose first crossing is reported as "steps to target".
     target_accuracy: float = Field(default=0.85, gt=0, le=1)
+    #: Torch intra-op threads; None keeps torch's choice.
     threads: int | None = Field(default=None, gt=0)
+    #: auto: CUDA when available, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Progress bars: auto shows them on a terminal only.
     progress: Literal["auto", "always", "never"] = "auto"
+    #: Also write TensorBoard event files (needs the tensorboard extra).
     tensorboard: bool = False
     #: Stop a run as "diverged" when its training loss is NaN/Inf or exceeds this multiple
     #: of its lowest loss so far (that minimum floored at a tenth of the first loss).
@@ -170,6 +204,7 @@ class TrainConfig(_Section):
 class CompareConfig(_Section):
     """``bigbatch compare``: optimizers, each with its own learning-rate grid and options."""
 
+    #: The optimizers compared (registry names).
     optimizers: tuple[str, ...] = ("momentum", "lars", "nlcg", "spngd")
     #: Learning-rate grid per optimizer; an optimizer without an entry uses its default grid.
     lrs: dict[str, tuple[float, ...]] = Field(default_factory=dict)
@@ -191,6 +226,7 @@ class CompareConfig(_Section):
 class SweepConfig(_Section):
     """``bigbatch sweep``: steps to target against batch size (benchmark B5)."""
 
+    #: The global batch sizes swept.
     batch_sizes: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     #: How each optimizer's learning-rate grid moves with the batch (relative to
     #: train.batch_size): "linear" (x B/B0), "sqrt" (x sqrt(B/B0)) or "none".

@@ -104,3 +104,18 @@ def test_a_killed_agent_is_reported_and_its_workers_stop(tmp_path: Path) -> None
     assert proc.returncode == 1
     assert "the torchrun agent was killed by SIGKILL" in stderr
     assert _gone(out, 20)  # each worker sees its agent gone and stops itself
+
+
+def test_a_user_error_after_launch_is_one_line_and_status_2(tmp_path: Path) -> None:
+    """Found by the workers (the text dataset without its file): rank 0 says it once; the
+    ranks' copies and torchrun's traceback of the failed workers are not shown."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bigbatch.train.cli", "train", "--nproc", "2",
+         "--dataset", "text", "--model", "gpt", "--out", str(tmp_path / "run")],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [line for line in lines if line.startswith("bigbatch: error:")]
+    assert len(lines) == 1
+    assert "needs data_dir" in lines[0]

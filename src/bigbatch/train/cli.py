@@ -18,6 +18,7 @@ import difflib
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -311,7 +312,10 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             _refuse_earlier_run(args.out)
         return _run(args.command, cfg, dataset, args.out, resume, command, launch)
     except (ConfigError, DatasetError, CheckpointError, MetricsError) as exc:
-        _error(str(exc))
+        if context().is_main:  # the same on every rank: said once, by rank 0
+            print(f"bigbatch: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2.0)  # let rank 0 say it before torchrun stops the job
         return 2
     except PeerRankError as exc:
         _error(str(exc))

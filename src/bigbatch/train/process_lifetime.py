@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,16 @@ def _die_with_parent() -> None:
 def run_launcher(command: Sequence[str], env: dict[str, str]) -> int:
     """Run torchrun ``command`` and wait for it; returns the exit status to report."""
     preexec: Callable[[], None] | None = _die_with_parent if sys.platform == "linux" else None
-    proc = subprocess.Popen(list(command), env=env, start_new_session=True, preexec_fn=preexec)
+    proc = subprocess.Popen(
+        list(command),
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    relay = _StderrRelay(proc)
     received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -73,6 +83,8 @@ def run_launcher(command: Sequence[str], env: dict[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        user_error = relay.user_error()
+        relay.finish(show_held=not user_error)
     stops = [s for s in received if s != signal.SIGINT]
     if stops:
         name = signal.Signals(stops[0]).name
@@ -84,6 +96,8 @@ def run_launcher(command: Sequence[str], env: dict[str, str]) -> int:
         return 128 + stops[0]
     if received:
         return 130 if code != 0 else code
+    if user_error:
+        return 2  # a worker's one-line "bigbatch: error" said it all
     if code < 0:
         name = signal.Signals(-code).name
         print(
@@ -93,6 +107,46 @@ def run_launcher(command: Sequence[str], env: dict[str, str]) -> int:
         )
         return 1
     return code
+
+
+class _StderrRelay:
+    """Passes torchrun's stderr (the workers' too) through, except torchrun's own report of
+    a worker that stopped on a user error: after a ``bigbatch: error`` line, torchrun's
+    traceback and failure summary are held back, and dropped if the job ends with status
+    2 (the one-line error already says everything), shown otherwise."""
+
+    _TORCHRUN = re.compile(r"^(Traceback|[EWI]\d{4} |=+$|\[\d|torch\.distributed|  )")
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.held: list[str] = []
+        self._saw_error = False
+        self._thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _run(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("bigbatch: error"):
+                self._saw_error = True
+                sys.stderr.write(line)
+            elif self._saw_error and (self.held or self._TORCHRUN.match(line)):
+                self.held.append(line)
+            else:
+                sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def user_error(self) -> bool:
+        """Whether the job stopped on a worker's user error (exit status 2)."""
+        self._thread.join(timeout=10)
+        return self._saw_error and any(
+            "exitcode: 2)" in line or "exitcode  : 2 " in line for line in self.held
+        )
+
+    def finish(self, show_held: bool) -> None:
+        self._thread.join(timeout=10)
+        if show_held and self.held:
+            sys.stderr.writelines(self.held)
+            sys.stderr.flush()
 
 
 def watch_parent(interval: float = WATCH_INTERVAL_S) -> None:

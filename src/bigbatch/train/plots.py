@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -60,16 +61,29 @@ def plot_scaling(
     """Steps to ``target`` against batch size (log-log), with perfect linear scaling."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     reference: tuple[int, int] | None = None
-    for label, points in curves.items():
+    misses: list[tuple[str, list[int], Any]] = []
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (label, points) in enumerate(curves.items()):
         reached = [(b, s) for b, s in points if s is not None]
+        color = palette[k % len(palette)]  # one colour per optimizer, reached or not
         if reached:
             xs, ys = zip(*reached, strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, marker="o", label=label, color=color)
             if reference is None or reached[0][0] < reference[0]:
                 reference = reached[0]
         missed = [b for b, s in points if s is None]
         if missed:
-            ax.scatter(missed, [1] * len(missed), marker="x", label=f"{label}: target missed")
+            misses.append((label, missed, color))
+    # a missed target is drawn above every reached point, in its optimizer's own colour
+    ceiling = 2 * max((s for pts in curves.values() for _, s in pts if s is not None), default=1)
+    for label, missed, color in misses:
+        ax.scatter(
+            missed, [ceiling] * len(missed), marker="x", color=color, label=f"{label}: not reached"
+        )
+    if misses:
+        ax.axhline(ceiling, color="gray", lw=0.5, ls="--")
+        ax.annotate("target not reached", (0.01, ceiling), xycoords=("axes fraction", "data"),
+                    fontsize=7, va="bottom", color="gray")  # fmt: skip
     if reference is not None:
         b0, s0 = reference
         batches = sorted({b for pts in curves.values() for b, _ in pts if b >= b0})

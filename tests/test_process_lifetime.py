@@ -1,9 +1,12 @@
 """``bigbatch train --nproc 2`` owns its processes: SIGTERM or SIGINT to the launcher's pid
 stops the workers after their step with a checkpoint and a message; SIGKILL of the launcher
-or of the torchrun agent leaves no worker training on (Linux: /proc is read to find them)."""
+or of the torchrun agent leaves no worker training on; a stopped (SIGSTOP) or killed rank is
+named in one line (Linux: /proc is read to find them)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +18,7 @@ import pytest
 
 from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.metrics import read_metrics
+from bigbatch.train.rank_watch import RankWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIGBATCH_DIST_TIMEOUT": "30"}
@@ -38,9 +42,9 @@ def _running_with(marker: str) -> list[int]:
     return found
 
 
-def _start(out: Path) -> subprocess.Popen[str]:
+def _start(out: Path, *extra: str) -> subprocess.Popen[str]:
     args = [
-        "train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64",
+        "train", *extra, "--dataset", "digits", "--model", "mlp", "--batch-size", "64",
         "--epochs", "200", "--no-progress", "--optimizer", "momentum", "--nproc", "2",
         "--set", "data.validation_size=200", "--set", "train.eval_every=10",
         "--set", "train.checkpoint_every=10", "--out", str(out),
@@ -119,3 +123,82 @@ def test_a_user_error_after_launch_is_one_line_and_status_2(tmp_path: Path) -> N
     assert lines == [line for line in lines if line.startswith("bigbatch: error:")]
     assert len(lines) == 1
     assert "needs data_dir" in lines[0]
+
+
+def _worker(out: Path, rank: int) -> int:
+    """The pid of the worker process with this ``RANK``."""
+    for pid in _running_with(str(out)):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ):
+                return pid
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_a_stopped_rank_is_named_and_the_job_ends_within_the_stall_limit(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start(out, "--stall-limit", "3")
+    pid = _worker(out, 1)
+    stopped = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    _, stderr = proc.communicate(timeout=90)
+    took = time.monotonic() - stopped
+    assert proc.returncode == 1, stderr
+    named = [line for line in stderr.splitlines() if f"rank 1 (pid {pid}) was stopped" in line]
+    assert len(named) == 1, stderr
+    assert "--resume" in named[0]
+    assert "Traceback" not in stderr  # torchrun's report of the killed rank is held back
+    assert took < 3 + 30, took  # the limit, a poll, then the teardown (measured: a few s)
+    assert _gone(out, 20)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 10
+
+
+def test_a_killed_rank_is_named_when_the_job_fails(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start(out)
+    pid = _worker(out, 1)
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bigbatch: error: rank 1 (pid {pid}, killed by SIGKILL) failed first")
+    assert _gone(out, 20)
+
+
+def test_a_bad_stall_limit_is_refused_before_launch(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bigbatch.train.cli", "train", "--dataset", "digits",
+         "--nproc", "2", "--stall-limit", "-1", "--out", str(tmp_path / "run")],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "bigbatch: error: --stall-limit / BIGBATCH_STALL_LIMIT='-1.0' must be > 0 seconds"
+    ]
+
+
+@pytest.mark.parametrize("limit", [0.5, math.inf])
+def test_the_rank_watch_ends_a_stopped_process_only_past_its_limit(
+    tmp_path: Path, limit: float
+) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "rank3").write_text(f"{sleeper.pid}\n")
+        watch = RankWatch(tmp_path, limit)
+        assert watch.check(now=0.0) is None  # running: nothing to say
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert watch.check(now=10.0) is None  # stopped from now on
+        said = watch.check(now=10.4)
+        assert said is None
+        said = watch.check(now=10.6)
+        if limit == math.inf:
+            assert said is None
+            assert sleeper.poll() is None
+        else:
+            assert said is not None
+            assert f"rank 3 (pid {sleeper.pid}) was stopped" in said
+            assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -45,6 +45,12 @@ from bigbatch.train.metrics import MetricsError
 from bigbatch.train.models import MODEL_NAMES
 from bigbatch.train.optimizers import OPTIMIZERS
 from bigbatch.train.process_lifetime import run_launcher, watch_parent
+from bigbatch.train.rank_watch import (
+    DEFAULT_STALL_LIMIT_S,
+    STALL_LIMIT_ENV,
+    announce_worker,
+    stall_limit,
+)
 
 __all__ = ["main"]
 
@@ -123,6 +129,14 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
         metavar="SECONDS",
         help=f"how long a collective waits for the other processes (sets {TIMEOUT_ENV}; "
         "default 300)",
+    )
+    parser.add_argument(
+        "--stall-limit",
+        type=float,
+        metavar="SECONDS",
+        help="with --nproc: a process stopped (SIGSTOP, a debugger) this long is named and "
+        f"ended, and the job with it (sets {STALL_LIMIT_ENV}; default "
+        f"{DEFAULT_STALL_LIMIT_S:g}; inf: never)",
     )
 
 
@@ -267,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "bigbatch " + " ".join(shlex.quote(a) for a in arguments)
     if args.dist_timeout is not None:
         os.environ[TIMEOUT_ENV] = str(args.dist_timeout)
+    if args.stall_limit is not None:
+        os.environ[STALL_LIMIT_ENV] = str(args.stall_limit)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop when the agent is gone
         watch_parent()
+        announce_worker()
     code = 1
     try:
         code = _main(args, arguments, command)
@@ -293,6 +310,7 @@ def _main(args: argparse.Namespace, arguments: list[str], command: str) -> int:
             )
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher
             _check_world(args.command, cfg, args.nproc)
+            stall_limit()  # a bad --stall-limit is an error before anything starts
             return _launch(args.nproc, arguments, args.max_restarts)
         ctx = init_from_env(cfg.train.device)
         _check_world(args.command, cfg, ctx.world_size)

@@ -29,6 +29,7 @@ from bigbatch.distributed.data_parallel import (
     GradientAgreement,
     data_parallel_group,
 )
+from bigbatch.optim import fused_kernels
 from bigbatch.optim.conjugacy import (
     BETA_RULES,
     RULES_NEEDING_Y,
@@ -102,6 +103,14 @@ class NLCG(Optimizer):
         consistency_every: distributed only: every this many steps the parameters' float64
             checksums are compared across the ranks; a difference raises
             :class:`~bigbatch.distributed.RanksDivergedError` (default 100; 0: never).
+        fused: run the element-wise work of the diagonal preconditioners (``"bfgs"``,
+            ``"adam"``) and of the new direction in a few ``torch.compile``d kernels
+            (:mod:`bigbatch.optim.fused_kernels`): fewer passes over parameter-sized memory,
+            the same math up to float rounding (the sums are taken in another order). Each
+            kernel compiles at its first use (seconds, once per process and buffer size);
+            without a working compiler a warning says so and the step runs unfused. Not
+            fused: the HS/DY-type rules (they need ``y`` itself), param groups with different
+            learning rates under BFGS, other preconditioners. Default ``False``.
 
     The loss: the step control needs the training loss. Pass it as ``step(closure)`` (the
     closure's return value) or ``step(loss=loss)``. When neither is given, the step is taken
@@ -140,8 +149,10 @@ class NLCG(Optimizer):
         eps: float = 1e-8,
         distributed: bool | None = None,
         consistency_every: int = 100,
+        fused: bool = False,
     ) -> None:
         self.eps = check_number("eps", eps, low=0.0)
+        self.fused = check_bool("fused", fused)
         every = cast(int, check_int("consistency_every", consistency_every, low=0))
         self._group = _data_parallel(distributed)
         self.beta_rule = check_choice("beta_rule", beta_rule, BETA_RULES)
@@ -563,7 +574,12 @@ class NLCG(Optimizer):
         d = self._flat["d"]
         y: Tensor | None = None
         secant: SecantPair | None = None
-        if not first and self._needs_y:
+        bufs = {name: self._flat[name] for name in self.preconditioner.buffers}
+        z = self._workspace("z")
+        fused_rz = self._fused_update_apply(bufs, g, glob, z) if self.fused else None
+        if fused_rz is not None:
+            rz = float(fused_rz)
+        elif not first and self._needs_y:
             y = torch.sub(g, self._flat["g_prev"], out=self._workspace("y"))
             if self.preconditioner.needs_secant:
                 scales = glob["scales"]
@@ -574,11 +590,10 @@ class NLCG(Optimizer):
                     for i, scale in enumerate(scales):
                         torch.mul(layout.group_slice(d, i), scale, out=layout.group_slice(s, i))
                     secant = SecantPair(direction=s, scale=1.0, y=y)
-        bufs = {name: self._flat[name] for name in self.preconditioner.buffers}
-        z = self._workspace("z")
-        self.preconditioner.update(bufs, g, secant, step, scratch=z)
-        z = self.preconditioner.apply(bufs, g, out=z)
-        rz = float(torch.dot(g, z))  # r.z with r = -g and the descent direction -z
+        if fused_rz is None:
+            self.preconditioner.update(bufs, g, secant, step, scratch=z)
+            z = self.preconditioner.apply(bufs, g, out=z)
+            rz = float(torch.dot(g, z))  # r.z with r = -g and the descent direction -z
         restart = (
             first
             or bool(glob.pop("force_restart", False))
@@ -636,8 +651,25 @@ class NLCG(Optimizer):
         z, d = self._workspace("z"), self._flat["d"]
         if beta == 0.0:
             torch.neg(z, out=d)
+        elif self.fused:
+            fused_kernels.new_direction(d, z, torch.tensor(beta, dtype=d.dtype, device=d.device))
         else:
             d.mul_(beta).sub_(z)
+
+    def _fused_update_apply(
+        self, bufs: dict[str, Tensor], g: Tensor, glob: dict[str, Any], z: Tensor
+    ) -> Tensor | None:
+        """The preconditioner's fused update and ``z = P g`` (``fused=True``); returns
+        ``g.z``, or ``None`` when this step has no fused path (nothing was changed)."""
+        if self.beta_rule in RULES_NEEDING_Y:
+            return None
+        last: tuple[Tensor, float, Tensor] | None = None
+        if int(glob["step"]) > 0 and self.preconditioner.needs_secant:
+            scales = glob["scales"]
+            if len(set(scales)) != 1:  # s differs from a multiple of d: the unfused path
+                return None
+            last = (self._flat["d"], float(scales[0]), self._flat["g_prev"])
+        return self.preconditioner.update_apply_fused(bufs, g, last, int(glob["step"]), z)
 
     def _finish_step(self, g: Tensor, beta: float, rz: float, glob: dict[str, Any]) -> None:
         """The current gradient (and ``z``) become the previous ones: swap, do not copy."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bigbatch.optim import fused_kernels
 from bigbatch.optim.flat_layout import FlatLayout
 
 __all__ = [
@@ -88,6 +89,24 @@ class Preconditioner:
     def apply(self, bufs: Mapping[str, Tensor], r: Tensor, out: Tensor) -> Tensor:
         """Write ``P r`` into ``out`` and return it."""
         raise NotImplementedError
+
+    def update_apply_fused(
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        last_step: tuple[Tensor, float, Tensor] | None,
+        step: int,
+        out: Tensor,
+    ) -> Tensor | None:
+        """:meth:`update` then :meth:`apply` to ``g`` in fused kernels (``NLCG(fused=True)``).
+
+        ``last_step`` is ``(direction, scale, g_prev)`` (the step was ``scale * direction``;
+        ``y = g - g_prev`` is never built), ``None`` at the first step. Writes ``P g`` into
+        ``out`` and returns ``g . P g`` as a 0-d tensor; returns ``None`` (having changed
+        nothing) when this preconditioner has no fused path for the call, and the optimizer
+        then runs :meth:`update` and :meth:`apply`. Default: ``None``.
+        """
+        return None
 
     def check_extra_state(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` when :meth:`load_extra_state_dict` would refuse ``state``
@@ -180,6 +199,37 @@ class DiagonalBFGS(Preconditioner):
         torch.add(bufs["h"], self.eps, out=out)
         return torch.div(r, out, out=out)
 
+    def update_apply_fused(
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        last_step: tuple[Tensor, float, Tensor] | None,
+        step: int,
+        out: Tensor,
+    ) -> Tensor | None:
+        if last_step is None:  # the first step (h = 1, P = 1): nothing to fuse
+            return None
+        d, c, g_prev = last_step
+        h, eps = bufs["h"], self.eps
+        yd, dhd = fused_kernels.bfgs_secant_products(g, g_prev, d, h).tolist()
+        ys, shs = c * yd, c * c * dhd
+        self._identity = False
+        self.last_update_skipped = not (ys >= eps and shs >= eps)
+        eps_t = _scalar(eps, h)
+        if self.last_update_skipped:
+            return fused_kernels.bfgs_apply(g, h, eps_t, out)
+        return fused_kernels.bfgs_update_apply(
+            g,
+            g_prev,
+            d,
+            h,
+            _scalar((c * c) / (shs + eps), h),
+            _scalar(1.0 / (ys + eps), h),
+            _scalar(eps / (ys + eps) - eps / (shs + eps), h),
+            eps_t,
+            out,
+        )
+
     def __repr__(self) -> str:
         return f"DiagonalBFGS(eps={self.eps})"
 
@@ -218,6 +268,27 @@ class AdamDiagonal(Preconditioner):
         zero = torch.zeros((), dtype=out.dtype, device=out.device)
         return torch.addcdiv(zero, r, out, value=root_bc, out=out)
 
+    def update_apply_fused(
+        self,
+        bufs: Mapping[str, Tensor],
+        g: Tensor,
+        last_step: tuple[Tensor, float, Tensor] | None,
+        step: int,
+        out: Tensor,
+    ) -> Tensor | None:
+        v = bufs["exp_avg_sq"]
+        self._bias_correction = 1.0 - self.beta2 ** (step + 1)
+        root_bc = math.sqrt(self._bias_correction)
+        return fused_kernels.adam_update_apply(
+            g,
+            v,
+            _scalar(self.beta2, v),
+            _scalar(1.0 - self.beta2, v),
+            _scalar(root_bc, v),
+            _scalar(self.eps * root_bc, v),
+            out,
+        )
+
     def extra_state_dict(self) -> dict[str, Any]:
         return {"bias_correction": self._bias_correction}
 
@@ -226,6 +297,11 @@ class AdamDiagonal(Preconditioner):
 
     def __repr__(self) -> str:
         return f"AdamDiagonal(beta2={self.beta2}, eps={self.eps})"
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    """A 0-d tensor (a new value does not recompile a fused kernel, a Python float would)."""
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
 _BY_NAME: dict[str, type[Preconditioner]] = {

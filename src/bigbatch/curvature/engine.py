@@ -15,7 +15,8 @@ without touching the math. It knows nothing about learning rates or momentum.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -115,6 +116,7 @@ class KFACEngine:
         self.step = 0
         self._warned_missing: set[str] = set()
         self._stack_cache: dict[Hashable, tuple[tuple[str, ...], dict[str, Tensor]]] = {}
+        self._share_only = False
         self.strategy: CurvatureStrategy = strategy if strategy is not None else LocalCurvature()
         self.strategy.bind(self)
         self.capture.arm(self._due(0))
@@ -287,7 +289,8 @@ class KFACEngine:
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Everything the engine keeps, as nested plain dicts (see the module docstring).
-        With a sharded strategy this is a collective that returns the full state."""
+        With a sharded strategy this is a collective that returns the full state (inside
+        :meth:`share_only`: this rank's share, no collective)."""
         schedule = self.schedule.state_dict()
         inverter = self.inverter.state_dict()
         state = {
@@ -313,7 +316,18 @@ class KFACEngine:
                 b.name for b in self.blocks.values() if isinstance(b, EmbeddingBlock) and b.tied
             ),
         }
-        return self.strategy.gather_state(state)
+        return state if self._share_only else self.strategy.gather_state(state)
+
+    @contextmanager
+    def share_only(self) -> Iterator[None]:
+        """Within it, :meth:`state_dict` returns this rank's share of a sharded state (the
+        statistics and inverses of the blocks it owns) without a collective: what a sharded
+        checkpoint (``torch.distributed.checkpoint``) writes from each rank."""
+        before, self._share_only = self._share_only, True
+        try:
+            yield
+        finally:
+            self._share_only = before
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; validated before anything is replaced."""

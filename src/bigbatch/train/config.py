@@ -114,7 +114,8 @@ class ModelConfig(_Section):
 class OptimizerConfig(_Section):
     """One optimizer. ``options`` go to its constructor unchanged (and are checked there)."""
 
-    #: sgd, momentum, nesterov, adam, adamw, lars, lamb, nlcg or spngd.
+    #: sgd, momentum, nesterov, adam, adamw, lars, lamb, soap, shampoo, kron, muon, sfadamw,
+    #: nlcg or spngd.
     name: str = "momentum"
     #: Peak learning rate (the schedule scales it every step).
     lr: float = Field(default=0.1, gt=0)

@@ -57,7 +57,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from bigbatch.distributed import DistributedConfig
-from bigbatch.optim import NLCG, SPNGD
 from bigbatch.train.augment import random_crop_flip, random_erasing
 from bigbatch.train.batches import (
     BatchOrder,
@@ -87,7 +86,7 @@ from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted
 from bigbatch.train.metrics import MetricsLog, read_metrics
 from bigbatch.train.micro_batch import auto_micro_batch
 from bigbatch.train.models import build_model
-from bigbatch.train.optimizers import averages_own_gradients, build_optimizer, optimizer_spec
+from bigbatch.train.optimizers import build_optimizer, capabilities, optimizer_spec
 from bigbatch.train.schedules import lr_factor_fn
 from bigbatch.train.targets import Mixup, one_hot_smooth, soft_cross_entropy
 
@@ -238,15 +237,16 @@ class TrainingRun:
         self.model = model.to(self.device)
         self.spec = optimizer_spec(cfg.optimizer.name)
         # the optimizer averages gradients and statistics itself (each rank: its mean loss)
-        self.curvature_dist = self.dist.enabled and averages_own_gradients(cfg.optimizer)
-        self.optimizer = build_optimizer(self.model, self._optimizer_config())
-        self.mc_fisher = cfg.optimizer.options.get("fisher") == "mc"
+        self.caps = capabilities(cfg.optimizer)
+        self.curvature_dist = self.dist.enabled and self.caps.averages_own_gradients
         s = cfg.schedule
+        self.warmup_steps = min(round(s.warmup_epochs * spe), self.total_steps - 1)
+        self.optimizer = build_optimizer(self.model, self._optimizer_config())
         try:
             factor = lr_factor_fn(
-                s.kind,
+                "constant" if self.caps.own_schedule else s.kind,
                 total_steps=self.total_steps,
-                warmup_steps=min(round(s.warmup_epochs * spe), self.total_steps - 1),
+                warmup_steps=0 if self.caps.own_schedule else self.warmup_steps,
                 power=s.power,
                 milestones=s.milestones,
                 gamma=s.gamma,
@@ -273,9 +273,14 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ setup
     def _optimizer_config(self) -> OptimizerConfig:
-        """``optimizer`` with SP-NGD's ``distributed`` option made a DistributedConfig."""
+        """``optimizer`` with SP-NGD's ``distributed`` option made a DistributedConfig, and
+        the harness's warm-up given to an optimizer that schedules itself."""
         cfg = self.cfg.optimizer
-        if not self.spec.uses_curvature:
+        if self.caps.own_schedule and "warmup_steps" not in cfg.options:
+            cfg = cfg.model_copy(
+                update={"options": {**cfg.options, "warmup_steps": self.warmup_steps}}
+            )
+        if not self.caps.distributed_option:
             return cfg
         options = dict(cfg.options)
         mode = options.pop("distributed", "hybrid")
@@ -359,8 +364,8 @@ class TrainingRun:
             xs, ts = x[start : start + self.micro], target[start : start + self.micro]
             logits = self.model(xs)
             loss = self._loss(logits, ts) * (xs.shape[0] / batch)
-            if self.mc_fisher and isinstance(self.optimizer, SPNGD):
-                self.optimizer.mc_backward(logits)
+            if self.caps.after_forward is not None:
+                self.caps.after_forward(self.optimizer, logits)
             loss.backward()
             total += loss.detach()
         return total
@@ -423,8 +428,8 @@ class TrainingRun:
             self.optimizer.zero_grad(set_to_none=True)
             return value
         self.min_loss = min(self.min_loss, value)
-        if isinstance(self.optimizer, NLCG):
-            self.optimizer.step(loss=total)
+        if self.caps.needs_loss:
+            self.optimizer.step(loss=total)  # type: ignore[call-overload]
         else:
             self.optimizer.step()
         self.scheduler.step()
@@ -444,9 +449,16 @@ class TrainingRun:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
         }
-        if self.val is not None:
-            record["val_loss"], record["val_acc"] = evaluate(model, self.val, dist=self.dist)
-        record["test_loss"], record["test_acc"] = evaluate(model, self.test, dist=self.dist)
+        switch = getattr(self.optimizer, "eval", None) if self.caps.mode_switch else None
+        if switch is not None:
+            switch()  # Schedule-Free: evaluate the averaged weights
+        try:
+            if self.val is not None:
+                record["val_loss"], record["val_acc"] = evaluate(model, self.val, dist=self.dist)
+            record["test_loss"], record["test_acc"] = evaluate(model, self.test, dist=self.dist)
+        finally:
+            if switch is not None:
+                self.optimizer.train()  # type: ignore[attr-defined]
         record["wall_s"] = round(self.elapsed, 3)
         self.loss_sum, self.loss_count = 0.0, 0
         return record

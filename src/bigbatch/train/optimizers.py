@@ -3,9 +3,12 @@
 Baselines come from their maintained implementations: SGD, Adam and AdamW from
 ``torch.optim``; LARS and LAMB from ``pytorch_optimizer``. bigbatch's own NLCG and SP-NGD
 are built from the same :class:`~bigbatch.train.config.OptimizerConfig`. Each entry also
-says what the training loop must do for it: NLCG's step control wants the loss
-(``step(loss=...)``), SP-NGD wants the model at construction and, with ``fisher="mc"``, a
-Monte Carlo backward (:meth:`SPNGD.mc_backward`).
+says, as :class:`Capabilities` of its options, what the training loop must do for it, so the
+loop has no optimizer-specific branch: NLCG's step control wants the loss
+(``step(loss=...)``), SP-NGD with ``fisher="mc"`` a Monte Carlo backward after each forward
+(:meth:`SPNGD.mc_backward`); both average their own gradients across ranks when they carry
+curvature; Schedule-Free optimizers switch to their evaluation weights (``eval()``) while
+the harness evaluates. A newcomer adds an optimizer with one :class:`OptimizerSpec`.
 
 Not here: the training loop itself, schedules (``schedules.py``).
 """
@@ -18,24 +21,55 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_optimizer
+import schedulefree
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from bigbatch.curvature.linalg import InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.optim import NLCG, SPNGD, KFACPreconditioner
+from bigbatch.train.combined import muon_with_adamw
 from bigbatch.train.config import ConfigError, OptimizerConfig
 
 __all__ = [
     "OPTIMIZERS",
+    "Capabilities",
     "OptimizerSpec",
     "averages_own_gradients",
     "build_optimizer",
+    "capabilities",
     "optimizer_spec",
 ]
 
 Builder = Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]
+AfterForward = Callable[[Optimizer, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the training loop does for an optimizer in one configuration."""
+
+    #: ``step(loss=batch_loss)`` instead of ``step()`` (NLCG's step control)
+    needs_loss: bool = False
+    #: called as ``after_forward(optimizer, logits)`` after each micro-batch's forward,
+    #: before its backward (SP-NGD's Monte Carlo Fisher backward)
+    after_forward: AfterForward | None = None
+    #: in a data-parallel run it combines the ranks' gradients (and curvature statistics)
+    #: itself, from each rank's mean loss over its shard; the loop must not average them
+    averages_own_gradients: bool = False
+    #: takes ``distributed=DistributedConfig(mode)`` (its ``distributed`` option is a mode)
+    distributed_option: bool = False
+    #: has ``train()`` / ``eval()`` weight switches (Schedule-Free): evaluation and the
+    #: final model use ``eval()``'s weights, training ``train()``'s
+    mode_switch: bool = False
+    #: schedules its own learning rate (Schedule-Free: warm-up only, no decay); the
+    #: harness's schedule is not applied
+    own_schedule: bool = False
+
+
+def _plain(options: Mapping[str, Any]) -> Capabilities:
+    return Capabilities()
 
 
 @dataclass(frozen=True)
@@ -51,8 +85,8 @@ class OptimizerSpec:
     default_lrs: tuple[float, ...]
     #: Constructor options used unless the config overrides them.
     defaults: Mapping[str, Any]
-    #: The optimizer records curvature from forward/backward hooks (SP-NGD).
-    uses_curvature: bool = False
+    #: What the loop must do for it, given its options (defaults merged with the config's).
+    capabilities: Callable[[Mapping[str, Any]], Capabilities] = _plain
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -85,6 +119,47 @@ def _lars(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optim
 def _lamb(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
     optimizer: Optimizer = pytorch_optimizer.Lamb(_decay_groups(model, wd), lr=lr, **opts)
     return optimizer
+
+
+def _soap(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = pytorch_optimizer.SOAP(_decay_groups(model, wd), lr=lr, **opts)
+    return optimizer
+
+
+def _shampoo(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = pytorch_optimizer.ScalableShampoo(
+        _decay_groups(model, wd), lr=lr, **opts
+    )
+    return optimizer
+
+
+def _kron(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = pytorch_optimizer.Kron(_decay_groups(model, wd), lr=lr, **opts)
+    return optimizer
+
+
+def _muon(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    """``torch.optim.Muon`` on the hidden weight matrices, AdamW (``adamw_lr_ratio`` x lr)
+    on the rest: biases, norms, convolution kernels, embeddings and the last Linear (the
+    classifier), as Muon's documentation advises."""
+    opts = dict(opts)
+    ratio = float(opts.pop("adamw_lr_ratio"))
+    adamw = {k.removeprefix("adamw_"): opts.pop(k) for k in list(opts) if k.startswith("adamw_")}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    exclude = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if linears:
+        exclude.add(id(linears[-1].weight))
+    return muon_with_adamw(_decay_groups(model, wd), lr, opts, lr * ratio, adamw, exclude)
+
+
+def _schedule_free_adamw(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    optimizer: Optimizer = schedulefree.AdamWScheduleFree(_decay_groups(model, wd), lr=lr, **opts)
+    optimizer.train()  # type: ignore[attr-defined]
+    return optimizer
+
+
+def _schedule_free_capabilities(options: Mapping[str, Any]) -> Capabilities:
+    return Capabilities(mode_switch=True, own_schedule=True)
 
 
 def _curvature_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +201,31 @@ def _spngd(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Opti
     return SPNGD(model, lr=lr, params=_decay_groups(model, wd), **_curvature_options(opts))
 
 
+def _is_kfac(preconditioner: Any) -> bool:
+    return isinstance(preconditioner, str) and preconditioner.lower() == "kfac"
+
+
+def _nlcg_capabilities(options: Mapping[str, Any]) -> Capabilities:
+    # with K-FAC, statistics come from each rank's mean loss and NLCG averages the gradients
+    return Capabilities(
+        needs_loss=True, averages_own_gradients=_is_kfac(options.get("preconditioner"))
+    )
+
+
+def _mc_backward(optimizer: Optimizer, logits: Tensor) -> None:
+    if not isinstance(optimizer, SPNGD):
+        raise TypeError(f"the Monte Carlo backward is SP-NGD's, not {type(optimizer).__name__}'s")
+    optimizer.mc_backward(logits)
+
+
+def _spngd_capabilities(options: Mapping[str, Any]) -> Capabilities:
+    return Capabilities(
+        after_forward=_mc_backward if options.get("fisher") == "mc" else None,
+        averages_own_gradients=True,
+        distributed_option=True,
+    )
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -144,8 +244,38 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "lars", "LARS (pytorch_optimizer)", _lars, (4.0, 8.0, 16.0), {"momentum": 0.9}
         ),
         OptimizerSpec("lamb", "LAMB (pytorch_optimizer)", _lamb, (3e-3, 1e-2, 3e-2), {}),
+        OptimizerSpec("soap", "SOAP (pytorch_optimizer)", _soap, (1e-3, 3e-3, 1e-2), {}),
         OptimizerSpec(
-            "nlcg", "NLCG (FR, BFGS)", _nlcg, (0.1, 0.2, 0.4), {"preconditioner": "bfgs"}
+            "shampoo",
+            "Shampoo (pytorch_optimizer ScalableShampoo)",
+            _shampoo,
+            (1e-3, 3e-3, 1e-2),
+            # the first steps graft SGD; preconditioners recomputed every 20 steps
+            {"start_preconditioning_step": 10, "preconditioning_compute_steps": 20},
+        ),
+        OptimizerSpec("kron", "PSGD Kron (pytorch_optimizer)", _kron, (3e-4, 1e-3, 3e-3), {}),
+        OptimizerSpec(
+            "muon",
+            "Muon (torch.optim) + AdamW",
+            _muon,
+            (0.01, 0.02, 0.04),
+            {"adamw_lr_ratio": 0.015},
+        ),
+        OptimizerSpec(
+            "sfadamw",
+            "Schedule-Free AdamW (schedulefree)",
+            _schedule_free_adamw,
+            (1e-3, 3e-3, 1e-2),
+            {"warmup_steps": 0},
+            capabilities=_schedule_free_capabilities,
+        ),
+        OptimizerSpec(
+            "nlcg",
+            "NLCG (FR, BFGS)",
+            _nlcg,
+            (0.1, 0.2, 0.4),
+            {"preconditioner": "bfgs"},
+            capabilities=_nlcg_capabilities,
         ),
         OptimizerSpec(
             "spngd",
@@ -157,7 +287,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             # and the effective step shrinks; Fashion-MNIST CNN, batch 4096, 8 epochs:
             # 84.8% -> 88.1% test (85.8% -> 88.7% validation)
             {"momentum": 0.9, "damping": 1e-3, "weight_rescale": True},
-            uses_curvature=True,
+            capabilities=_spngd_capabilities,
         ),
     )
 }
@@ -174,14 +304,17 @@ def optimizer_spec(name: str, key: str = "optimizer.name") -> OptimizerSpec:
         raise ConfigError(f"{key}: unknown optimizer {name!r}{hint} (known: {known})") from None
 
 
+def capabilities(cfg: OptimizerConfig) -> Capabilities:
+    """What the loop must do for ``cfg``'s optimizer with its options."""
+    spec = optimizer_spec(cfg.name)
+    return spec.capabilities({**spec.defaults, **cfg.options})
+
+
 def averages_own_gradients(cfg: OptimizerConfig) -> bool:
     """Whether the optimizer combines the ranks' gradients and curvature statistics itself
     in a data-parallel run (SP-NGD; NLCG with the K-FAC preconditioner, whose statistics
     must come from each rank's mean loss over its own shard)."""
-    if optimizer_spec(cfg.name).uses_curvature:
-        return True
-    options = {**optimizer_spec(cfg.name).defaults, **cfg.options}
-    return cfg.name == "nlcg" and str(options.get("preconditioner", "")).lower() == "kfac"
+    return capabilities(cfg).averages_own_gradients
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> Optimizer:

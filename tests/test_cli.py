@@ -59,6 +59,45 @@ def test_compare_writes_table_plot_and_picks_by_validation(
     assert "digits" in md
 
 
+def test_compare_extends_the_search_past_an_edge_and_repeats_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A grid far below momentum's best rate: the search climbs to its bound, still at the
+    high edge, and the table says so; the chosen rate runs with two more seeds."""
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        *SMALL,
+        "--out",
+        str(out),
+        "--optimizers",
+        "momentum",
+        "--set",
+        "compare.lrs.momentum=[0.001, 0.002]",
+        "--set",
+        "compare.max_trials=5",
+        "--set",
+        "compare.seeds=[1, 2]",
+    ]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    (entry,) = json.loads((out / "results.json").read_text())["optimizers"]
+    lrs = [r["lr"] for r in entry["runs"]]
+    assert lrs == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016])  # climbed to the bound
+    vals = [r["final_val_acc"] for r in entry["runs"]]
+    assert vals == sorted(vals)  # still improving at the bound (0.095 ... 0.355 measured)
+    assert entry["chosen"]["lr"] == pytest.approx(0.016)
+    assert entry["bound_hit"] == "high"
+    assert "search bound hit at the high edge" in printed
+    assert [r["lr"] for r in entry["seed_runs"]] == [entry["chosen"]["lr"]] * 2
+    seeds = entry["final_test_acc_over_seeds"]
+    assert seeds["n"] == 3
+    accs = [entry["chosen"]["final_test_acc"]] + [r["final_test_acc"] for r in entry["seed_runs"]]
+    assert seeds["mean"] == pytest.approx(sum(accs) / 3)
+    assert len(set(accs)) > 1  # the seeds really differ
+    assert "seeds:" in printed
+
+
 def test_interrupted_subprocess_then_resume(tmp_path: Path) -> None:
     """A real Ctrl-C (SIGINT) to the ``bigbatch`` process, then ``--resume``: the metrics
     equal those of an uninterrupted run."""

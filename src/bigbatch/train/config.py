@@ -213,6 +213,14 @@ class CompareConfig(_Section):
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: How the best learning rate of each optimizer is chosen.
     select_by: Literal["validation", "test"] = "validation"
+    #: Trials per optimizer and batch size at most: while the best learning rate sits at
+    #: an edge of what was tried, one more rate ``search_factor`` beyond it is tried, up to
+    #: this many (0: the grid only). The table says when the bound was hit at an edge.
+    max_trials: int = Field(default=0, ge=0, le=64)
+    #: Step between learning rates tried beyond an edge (a factor > 1).
+    search_factor: float = Field(default=2.0, gt=1.0, le=100.0)
+    #: More seeds run at each chosen learning rate (besides train.seed), for mean and spread.
+    seeds: tuple[int, ...] = ()
 
     @model_validator(mode="after")
     def _grids_positive(self) -> CompareConfig:

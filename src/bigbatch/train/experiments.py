@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from bigbatch.train.dist_env import (
 from bigbatch.train.loop import RunResult, TrainingRun, resolve_device
 from bigbatch.train.metrics import read_metrics
 from bigbatch.train.optimizers import optimizer_spec
+from bigbatch.train.tuning import search_lr
 
 __all__ = ["Choice", "lr_grid", "run_compare", "run_grid", "run_sweep", "scaled_grid"]
 
@@ -47,12 +48,21 @@ Say = Callable[[str], None]
 
 @dataclass
 class Choice:
-    """One optimizer at one batch size: every run of its grid and the chosen one."""
+    """One optimizer at one batch size: every run of its search and the chosen one."""
 
     optimizer: str
     batch_size: int
     runs: list[RunResult]
     chosen: RunResult | None
+    #: "low" / "high": the search's trial bound was hit with the best at that edge
+    bound_hit: str | None = None
+    #: the chosen learning rate's runs with the other seeds (compare.seeds)
+    seed_runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def all_seeds(self) -> list[RunResult]:
+        """The chosen run and its other-seed repeats."""
+        return ([self.chosen] if self.chosen is not None else []) + self.seed_runs
 
 
 def lr_grid(cfg: Config, optimizer: str) -> tuple[float, ...]:
@@ -65,11 +75,16 @@ def scaled_grid(cfg: Config, optimizer: str, batch_size: int) -> tuple[float, ..
     return tuple(lr * factor for lr in lr_grid(cfg, optimizer))
 
 
-def _run_config(cfg: Config, optimizer: str, lr: float, batch_size: int) -> Config:
+def _run_config(
+    cfg: Config, optimizer: str, lr: float, batch_size: int, seed: int | None = None
+) -> Config:
     base = cfg.optimizer
     options = cfg.compare.options.get(optimizer, {})
     opt = OptimizerConfig(name=optimizer, lr=lr, weight_decay=base.weight_decay, options=options)
-    train = cfg.train.model_copy(update={"batch_size": batch_size})
+    update: dict[str, Any] = {"batch_size": batch_size}
+    if seed is not None:
+        update["seed"] = seed
+    train = cfg.train.model_copy(update=update)
     return cfg.model_copy(update={"optimizer": opt, "train": train})
 
 
@@ -113,7 +128,9 @@ def run_grid(
     say: Say,
     launch: str | None = None,
 ) -> Choice:
-    """Train ``optimizer`` at ``batch_size`` for every lr; pick the best finished run.
+    """Train ``optimizer`` at ``batch_size`` for every lr, extended past an edge up to
+    ``compare.max_trials`` (:func:`~bigbatch.train.tuning.search_lr`); pick the best
+    finished run by validation accuracy, then repeat it with ``compare.seeds``.
 
     With ``resume``, finished runs are read back and interrupted ones continued; ``launch``
     (torchrun's job id, after a restart) limits that to the files this job wrote.
@@ -121,30 +138,53 @@ def run_grid(
     select_by = cfg.compare.select_by
     if select_by == "validation" and splits[1] is None:
         select_by = "test"
-    runs: list[RunResult] = []
     ctx = context()
-    for lr in lrs:
-        run_dir = out_dir / f"b{batch_size}" / optimizer / f"lr{lr:g}"
+    base = out_dir / f"b{batch_size}" / optimizer
+
+    def train(lr: float, seed: int | None) -> RunResult:
+        run_dir = base / f"lr{lr:g}" / ("" if seed is None else f"seed{seed}")
         done = from_main(ctx, partial(_finished, run_dir, launch)) if resume else None
         if done is None:
+            tag = "" if seed is None else f" seed={seed}"
             run = TrainingRun(
-                _run_config(cfg, optimizer, lr, batch_size),
+                _run_config(cfg, optimizer, lr, batch_size, seed),
                 dataset,
                 run_dir,
-                name=f"{optimizer} lr={lr:g} b={batch_size}",
+                name=f"{optimizer} lr={lr:g} b={batch_size}{tag}",
                 splits=splits,
             )
             own = partial(resumable_step, run.checkpoint_path, launch)
             started = resume and from_main(ctx, own) is not None
             done = run.run(resume=started)
-        runs.append(done)
         say(
             f"  {optimizer:>9} lr={lr:<8g} batch={batch_size:<6} {done.status:>8}  "
             f"test acc {done.last('test_acc'):.4f}  ({done.wall_s:.0f} s)"
+            + ("" if seed is None else f"  seed {seed}")
         )
-    scored = [(r, _score(r, select_by)) for r in runs]
-    best = max(scored, key=lambda rs: rs[1])
-    return Choice(optimizer, batch_size, runs, best[0] if best[1] > -math.inf else None)
+        return done
+
+    def trial(lr: float) -> tuple[float, RunResult]:
+        done = train(lr, None)
+        return _score(done, select_by), done
+
+    search = search_lr(
+        lrs,
+        trial,
+        higher_is_better=True,
+        max_trials=max(cfg.compare.max_trials, len(set(lrs))),
+        factor=cfg.compare.search_factor,
+    )
+    chosen = search.best
+    seeds = [s for s in dict.fromkeys(cfg.compare.seeds) if s != cfg.train.seed]
+    seed_runs = [train(chosen.lr, s) for s in seeds] if chosen is not None else []
+    return Choice(
+        optimizer,
+        batch_size,
+        [r for _, _, r in search.trials],
+        chosen,
+        bound_hit=search.bound_hit,
+        seed_runs=seed_runs,
+    )
 
 
 def _check_world(cfg: Config, batch_sizes: list[int]) -> None:

@@ -24,6 +24,7 @@ from bigbatch.train.data import Dataset, TextDataset
 from bigbatch.train.experiments import Choice
 from bigbatch.train.optimizers import optimizer_spec
 from bigbatch.train.plots import plot_accuracy, plot_scaling
+from bigbatch.train.tuning import spread
 
 __all__ = ["compare_table", "sweep_table", "write_compare", "write_sweep"]
 
@@ -49,8 +50,13 @@ def compare_table(choices: Sequence[Choice], target: float) -> str:
             continue
         r = c.chosen
         steps = r.steps_to(target)
+        bound = f" (search bound hit at the {c.bound_hit} edge)" if c.bound_hit else ""
+        final = _pct(r.last("test_acc"))
+        if c.seed_runs:
+            s = spread([run.last("test_acc") for run in c.all_seeds])
+            final += f" (seeds: {_pct(s['mean'])} ± {_pct(s['std'])}, n={s['n']})"
         rows.append(
-            f"| {label} | {r.lr:g} of {grid} | {_pct(r.last('test_acc'))} | "
+            f"| {label} | {r.lr:g} of {grid}{bound} | {final} | "
             f"{_pct(r.best('test_acc'))} | {steps if steps is not None else 'not reached'} | "
             f"{r.wall_s:.0f} s | {diverged}/{len(c.runs)} |"
         )
@@ -145,7 +151,12 @@ def write_compare(
                     {
                         "optimizer": c.optimizer,
                         "chosen": c.chosen.to_dict() if c.chosen else None,
+                        "bound_hit": c.bound_hit,
                         "runs": [r.to_dict() | {"history": r.history} for r in c.runs],
+                        "seed_runs": [r.to_dict() | {"history": r.history} for r in c.seed_runs],
+                        "final_test_acc_over_seeds": spread(
+                            [r.last("test_acc") for r in c.all_seeds]
+                        ),
                     }
                     for c in choices
                 ],

@@ -48,6 +48,7 @@ from bigbatch.train.config import config_from_mapping
 from bigbatch.train.data import TextDataset, load_dataset
 from bigbatch.train.loop import RunResult, TrainingRun
 from bigbatch.train.malloc_tuning import tune_malloc
+from bigbatch.train.tuning import search_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info
@@ -168,20 +169,20 @@ def _final(record: dict[str, Any], key: str) -> float:
 
 def _search(
     args: argparse.Namespace, run: Any, c: Contender
-) -> tuple[float, list[dict[str, Any]], bool]:
-    """Seed-0 lr search: the grid, extended past an edge up to ``max_trials``."""
+) -> tuple[float, list[dict[str, Any]], str | None]:
+    """Seed-0 lr search by the shared tuning protocol: a factor-2 grid around the centre,
+    extended past an edge up to ``max_trials``; scored by final validation loss."""
     half = (args.trials - 1) / 2
-    lrs = [c.centre * 2.0 ** (k - half) for k in range(args.trials)]
-    trials = {lr: run(c, lr, 0) for lr in lrs}
-    while True:
-        ordered = sorted(trials)
-        best = min(ordered, key=lambda lr: trials[lr]["final_val_loss"])
-        if best not in (ordered[0], ordered[-1]):
-            return best, [trials[lr] for lr in ordered], False
-        if len(trials) >= args.max_trials:
-            return best, [trials[lr] for lr in ordered], True
-        nxt = best / 2 if best == ordered[0] else best * 2
-        trials[nxt] = run(c, nxt, 0)
+    grid = [c.centre * 2.0 ** (k - half) for k in range(args.trials)]
+
+    def trial(lr: float) -> tuple[float, dict[str, Any]]:
+        record = run(c, lr, 0)
+        return float(record["final_val_loss"]), record
+
+    search = search_lr(grid, trial, higher_is_better=False, max_trials=args.max_trials)
+    trials = [record for _, _, record in search.trials]
+    best = search.best_lr if search.best_lr is not None else grid[0]
+    return best, trials, search.bound_hit
 
 
 def _steps_to(record: dict[str, Any], target: float) -> int | None:

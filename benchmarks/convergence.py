@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ import torch
 
 from bigbatch.train.batches import prepare_splits
 from bigbatch.train.config import Config, config_from_mapping
+from bigbatch.train.critical_batch import critical_batch_size
 from bigbatch.train.data import ImageDataset, load_dataset
 from bigbatch.train.experiments import run_grid
 from bigbatch.train.loop import RunResult
@@ -73,6 +75,7 @@ class Contender:
 
 
 _SCAN = "best of a 4-point factor-2 scan at batch 8192, 12 epochs (CNN)"
+_DEFAULT = "registry default grid's centre (not scanned; the search extends past edges)"
 CONTENDERS: dict[str, Contender] = {
     c.label: c
     for c in (
@@ -96,8 +99,30 @@ CONTENDERS: dict[str, Contender] = {
         ),
         Contender("spngd-emp", "spngd", {"fisher": "empirical"}, 1e-2, _SCAN),
         Contender("spngd-mc", "spngd", {"fisher": "mc"}, 1e-2, "SP-NGD (empirical)'s centre"),
+        # what users pick today (issue 14): maintained implementations, library defaults
+        Contender("adamw", "adamw", {}, 3e-3, _DEFAULT),
+        Contender("soap", "soap", {}, 3e-3, _DEFAULT),
+        Contender("shampoo", "shampoo", {}, 3e-3, _DEFAULT),
+        Contender("kron", "kron", {}, 1e-3, _DEFAULT),
+        Contender("muon", "muon", {}, 0.02, _DEFAULT),
+        Contender("sfadamw", "sfadamw", {}, 3e-3, _DEFAULT),
     )
 }
+#: the study's contenders (issue 14): the first-order and second-order peers, NLCG, SP-NGD
+STUDY = (
+    "momentum",
+    "adamw",
+    "lars",
+    "lamb",
+    "soap",
+    "shampoo",
+    "kron",
+    "muon",
+    "sfadamw",
+    "nlcg-bfgs",
+    "nlcg-kfac",
+    "spngd-emp",
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +137,11 @@ class Budget:
     train_limit: int | None = None
     test_limit: int | None = None
     validation_size: int | None = None
+    #: trials per (contender, batch) at most: the grid, extended by factor 2 past an edge
+    #: while the best is there (bigbatch.train.tuning.search_lr); 0 = the grid only
+    max_trials: int = 0
+    #: the contenders run when none are named (None: all)
+    contenders: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,23 @@ class Task:
 _FMNIST_BUDGETS = {
     "quick": Budget((1024, 4096, 16384), epochs=2, seeds=1, grid_points=1),
     "full": Budget((1024, 4096, 16384), epochs=8, seeds=2, grid_points=3),
+    # issue 14's study: batch sizes 16x apart, an extending search, 3 seeds
+    "study": Budget(
+        (512, 2048, 8192), epochs=6, seeds=3, grid_points=3, max_trials=6, contenders=STUDY
+    ),
+    # the study's pipeline in minutes (a check, never a figure)
+    "study-quick": Budget(
+        (512, 2048),
+        epochs=1,
+        seeds=2,
+        grid_points=2,
+        max_trials=3,
+        evals_per_epoch=1,
+        train_limit=6144,
+        test_limit=1024,
+        validation_size=1024,
+        contenders=("momentum", "sfadamw", "spngd-emp"),
+    ),
 }
 TASKS: dict[str, Task] = {
     "fashion-mnist-cnn": Task(
@@ -219,22 +266,27 @@ def run_contender(
     budget: Budget,
     task: Task,
 ) -> dict[str, Any]:
-    """Seed 0 over the grid, the other seeds at the chosen lr; a JSON-ready summary."""
+    """Seed 0 over the lr search, the other seeds at the chosen lr; a JSON-ready summary."""
     n_train = int(splits[0].y.shape[0])
     every = max(1, steps_per_epoch(n_train, batch) // budget.evals_per_epoch)
     cfg = cfg.model_copy(
         update={
             "train": cfg.train.model_copy(update={"eval_every": every}),
             "compare": cfg.compare.model_copy(
-                update={"options": {contender.optimizer: contender.options}}
+                update={
+                    "options": {contender.optimizer: contender.options},
+                    "max_trials": budget.max_trials,
+                    "seeds": tuple(range(1, budget.seeds)),
+                }
             ),
         }
     )
     grid = lr_grid(contender, batch, budget.grid_points)
-    first = run_grid(
+    load_before = os.getloadavg()[0]
+    choice = run_grid(
         cfg,
         dataset,
-        out / "seed0" / contender.label,
+        out / contender.label,
         contender.optimizer,
         batch,
         grid,
@@ -242,31 +294,34 @@ def run_contender(
         splits=splits,
         say=partial(_say, f"[{contender.label}]"),
     )
-    seeds: list[RunResult] = []
-    if first.chosen is not None:
-        seeds.append(first.chosen)
-        for seed in range(1, budget.seeds):
-            seeded = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-            again = run_grid(
-                seeded,
-                dataset,
-                out / f"seed{seed}" / contender.label,
-                contender.optimizer,
-                batch,
-                (first.chosen.lr,),
-                resume=True,
-                splits=splits,
-                say=partial(_say, f"[{contender.label} seed {seed}]"),
-            )
-            seeds.append(again.runs[0])
-    return summarise(
-        contender, batch, grid, first.runs, first.chosen, seeds, cfg, task.extra_targets
+    row = summarise(
+        contender,
+        batch,
+        grid,
+        choice.runs,
+        choice.chosen,
+        choice.all_seeds,
+        cfg,
+        task.extra_targets,
+        bound_hit=choice.bound_hit,
     )
+    row["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    return row
 
 
 def _steps(run: RunResult, target: float) -> int | None:
     """Steps to ``target`` of a run that finished (a diverged run reaches nothing)."""
     return run.steps_to(target) if run.status == "finished" else None
+
+
+def _seconds(run: RunResult, target: float) -> float | None:
+    """Training seconds (evaluation excluded) to the first evaluation at ``target``."""
+    steps = _steps(run, target)
+    if steps is None:
+        return None
+    return next(
+        (float(r["wall_s"]) for r in run.history if r["step"] == steps and "wall_s" in r), None
+    )
 
 
 def summarise(
@@ -278,10 +333,14 @@ def summarise(
     seeds: Sequence[RunResult],
     cfg: Config,
     extra_targets: Sequence[float] = (),
+    *,
+    bound_hit: str | None = None,
 ) -> dict[str, Any]:
-    """One (contender, batch) cell: the grid, the chosen lr, every seed at it, the spread."""
+    """One (contender, batch) cell: the lr search, the chosen lr, every seed at it, the
+    spread, steps and training seconds to the target, the mean step time."""
     target = cfg.train.target_accuracy
     finished = [r for r in seeds if r.status == "finished"]
+    tried = sorted(r.lr for r in grid_runs)
     return {
         "contender": contender.label,
         "optimizer": contender.optimizer,
@@ -294,7 +353,13 @@ def summarise(
         "grid_runs": [r.to_dict() for r in grid_runs],
         "grid_diverged": sum(r.status == "diverged" for r in grid_runs),
         "chosen_lr": chosen.lr if chosen else None,
-        "chosen_at_edge": bool(chosen and len(grid) > 1 and chosen.lr in (grid[0], grid[-1])),
+        # at an edge of every lr tried (the search's bound was hit, or it did not extend)
+        "chosen_at_edge": bool(chosen and len(tried) > 1 and chosen.lr in (tried[0], tried[-1])),
+        "bound_hit": bound_hit,
+        "trials": [
+            {"lr": r.lr, "final_val_acc": r.last("val_acc"), "status": r.status}
+            for r in sorted(grid_runs, key=lambda r: r.lr)
+        ],
         "seeds": [
             r.to_dict() | {"steps_to_target": _steps(r, target), "history": r.history}
             for r in seeds
@@ -302,6 +367,8 @@ def summarise(
         "seeds_diverged": len(seeds) - len(finished),
         "final_test_acc": _spread([r.last("test_acc") for r in finished]),
         "steps_to_target": [_steps(r, target) for r in seeds],
+        "seconds_to_target": [_seconds(r, target) for r in seeds],
+        "step_ms": [1e3 * r.wall_s / r.steps if r.steps else None for r in seeds],
         "steps_to": {f"{t:g}": [_steps(r, t) for r in seeds] for t in (target, *extra_targets)},
     }
 
@@ -343,6 +410,15 @@ def _steps_cell(r: dict[str, Any], key: str | None = None) -> str:
             "div" if seed["status"] != "finished" else "-" if steps is None else str(steps)
         )
     return " / ".join(marks) + f" (every {r['eval_every_steps']})"
+
+
+def _time_cell(r: dict[str, Any]) -> str:
+    if r["chosen_lr"] is None:
+        return "diverged"
+    seconds = _median(r.get("seconds_to_target", []))
+    step = [v for v in r.get("step_ms", []) if v is not None]
+    step_text = f"{statistics.median(step):.0f} ms/step" if step else "-"
+    return f"{'-' if seconds is None else f'{seconds:.0f} s'} ({step_text})"
 
 
 def _grid_table(
@@ -390,6 +466,32 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             *_grid_table(labels, batches, cell, partial(_steps_cell, key=key)),
         ]
+    lines += [
+        "",
+        "Median training seconds to the target over the seeds (evaluation excluded; `-` = a "
+        "seed missed it) and the mean step time in ms, measured in the same invocation on the "
+        "same machine, contenders run back to back:",
+        "",
+        *_grid_table(labels, batches, cell, _time_cell),
+    ]
+    critical = results.get("critical_batch", {})
+    if critical:
+        lines += [
+            "",
+            "Critical batch size (where the mean steps to the target exceed perfect linear "
+            "scaling from the smallest batch by 20%; `>=` = never exceeded up to the largest "
+            "batch measured):",
+            "",
+            "| optimizer | critical batch | steps / perfect per batch |",
+            "|---|---|---|",
+        ]
+        for label, c in critical.items():
+            value = c["critical_batch"]
+            text = "-" if value is None else ((">= " if c["lower_bound"] else "") + f"{value:.0f}")
+            excess = " / ".join(
+                "missed" if e is None else f"{e:.2f}" for e in c["excess_over_perfect"]
+            )
+            lines.append(f"| {label} | {text} | {excess} |")
     lines += ["", "Learning-rate grid centres (at batch 8192; x sqrt(B/8192) per batch):", ""]
     lines += ["| optimizer | centre | where the centre comes from |", "|---|---|---|"]
     for label in labels:
@@ -411,6 +513,87 @@ def scaling_curves(
             value = round(statistics.fmean(steps))
         curves.setdefault(r["contender"], []).append((r["batch_size"], value))
     return curves
+
+
+def critical_batches(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per contender: the critical batch size (20% over perfect scaling from its smallest
+    batch) from its mean steps to the target over seeds (a batch where a seed missed counts
+    as missed)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, points in scaling_curves(rows).items():
+        if len(points) < 2:
+            continue
+        cb = critical_batch_size(points)
+        out[label] = {
+            "critical_batch": cb.value,
+            "lower_bound": cb.lower_bound,
+            "excess_over_perfect": [None if math.isinf(e) else e for e in cb.excess],
+            "points": points,
+        }
+    return out
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """The median over seeds, or None when any seed missed."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(statistics.median(v for v in values if v is not None))
+
+
+def plot_sensitivity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Final validation accuracy of every trial against its lr, one panel per batch size."""
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), dpi=110)
+    axes = list(axes) if len(batches) > 1 else [axes]
+    for ax, batch in zip(axes, batches, strict=True):
+        for r in rows:
+            if r["batch_size"] != batch:
+                continue
+            pts = [
+                (t["lr"], 100 * t["final_val_acc"])
+                for t in r["trials"]
+                if t["status"] == "finished" and math.isfinite(t["final_val_acc"])
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r["contender"])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"batch {batch}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final validation top-1 (%)")
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"sensitivity to the learning rate: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_time_to_target(
+    rows: Sequence[dict[str, Any]], path: Path, target: float, title: str
+) -> Path:
+    """Median training seconds to the target against batch size (missing: not reached)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label in dict.fromkeys(r["contender"] for r in rows):
+        pts = [
+            (r["batch_size"], _median(r["seconds_to_target"]))
+            for r in rows
+            if r["contender"] == label
+        ]
+        pts = [(b, t) for b, t in pts if t is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"training seconds to {100 * target:g}% test top-1 (median over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_accuracy_vs_batch(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -470,9 +653,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     task, budget = TASKS[args.task], TASKS[args.task].budgets[args.budget]
     if args.batch_sizes:
         budget = replace(budget, batch_sizes=tuple(args.batch_sizes))
-    contenders = [CONTENDERS[c] for c in (args.contenders or CONTENDERS)]
+    contenders = [CONTENDERS[c] for c in (args.contenders or budget.contenders or CONTENDERS)]
     cfg = base_config(task, budget, args)
     loaded = load_dataset(task.data, args.data_dir, cache_dir=args.cache_dir)
+    if not isinstance(loaded, ImageDataset):
+        raise SystemExit(f"{task.data} is not an image dataset")
     dataset = limited(loaded, budget.train_limit, budget.test_limit)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     splits = prepare_splits(dataset, cfg.data.validation_size, device)
@@ -504,7 +689,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "budget": args.budget,
             "epochs": budget.epochs,
             "seeds": budget.seeds,
-            "grid": f"{budget.grid_points} lrs factor 2 apart around each centre x sqrt(B/8192)",
+            "grid": f"{budget.grid_points} lrs factor 2 apart around each centre x sqrt(B/8192)"
+            + (
+                f", extended by factor 2 past an edge while the best is there, at most "
+                f"{budget.max_trials} trials"
+                if budget.max_trials > budget.grid_points
+                else ""
+            ),
             "schedule": "1 epoch linear warm-up, cosine to 0; weight decay 5e-4 on weights",
             "selection": "lr by last validation accuracy of seed 0 "
             f"({int(splits[1].y.shape[0]) if splits[1] is not None else 0} held-out images)",
@@ -517,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "target_accuracy": task.target,
         "results": rows,
+        "critical_batch": critical_batches(rows),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     subset = "_subset" if args.contenders or args.batch_sizes else ""
@@ -534,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             target=t,
             title=f"steps to {100 * t:g}% test top-1, {dataset.display_name}, {task.model}",
         )
+    plot_sensitivity(rows, stem.parent / f"{stem.name}_sensitivity.png", title)
+    plot_time_to_target(rows, stem.parent / f"{stem.name}_time.png", task.target, title)
     print(table)
     print(f"written: {stem}.json/.md and PNGs ({wall:.0f} s)")
     return 0

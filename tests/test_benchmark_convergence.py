@@ -54,6 +54,41 @@ def test_tiny_cifar10_resnet20_run_writes_its_results(tmp_path: Path) -> None:
         assert (stem.parent / (stem.name + suffix)).stat().st_size > 1000
 
 
+def test_study_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    """Issue 14's study at its minutes budget on real Fashion-MNIST (a slice): the extending
+    search, seeds, steps and seconds to target, critical batch sizes and every plot."""
+    done = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), "--task", "fashion-mnist-cnn", "--budget", "study-quick",
+            "--contenders", "momentum", "spngd-emp", "--data-dir", str(REAL), "--device", "cpu",
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stem = tmp_path / "results" / "convergence_fashion-mnist-cnn_study-quick_subset"
+    results = json.loads(stem.with_suffix(".json").read_text())
+    rows = results["results"]
+    assert [(r["contender"], r["batch_size"]) for r in rows] == [
+        ("momentum", 512), ("spngd-emp", 512), ("momentum", 2048), ("spngd-emp", 2048)
+    ]  # fmt: skip
+    for row in rows:
+        assert 2 <= len(row["trials"]) <= 3  # the grid (2), extended once at most (bound 3)
+        assert len(row["seeds"]) == 2
+        assert row["seeds"][0]["lr"] == row["seeds"][1]["lr"] == row["chosen_lr"]
+        best = max(row["trials"], key=lambda t: t["final_val_acc"])
+        assert best["lr"] == row["chosen_lr"]  # chosen on validation
+        assert (row["bound_hit"] is not None) == row["chosen_at_edge"]
+        assert len(row["seconds_to_target"]) == len(row["step_ms"]) == 2
+        assert all(ms > 0 for ms in row["step_ms"])
+    assert set(results["critical_batch"]) == {"momentum", "spngd-emp"}
+    table = stem.with_suffix(".md").read_text()
+    assert "Critical batch size" in table
+    assert "ms/step" in table
+    for suffix in ("_accuracy.png", "_scaling.png", "_sensitivity.png", "_time.png"):
+        assert (stem.parent / (stem.name + suffix)).stat().st_size > 1000
+
+
 def _grid_module():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(SCRIPT.parent))
     try:

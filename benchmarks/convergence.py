@@ -393,9 +393,9 @@ def _accuracy_cell(r: dict[str, Any]) -> str:
     else:
         text = f"{_pct(acc['mean'])} ({_pct(acc['min'])}-{_pct(acc['max'])})"
     text += f" lr {r['chosen_lr']:g}" + ("*" if r["chosen_at_edge"] else "")
-    if r["grid_diverged"]:
+    if r.get("grid_diverged"):
         text += f", {r['grid_diverged']}/{len(r['grid'])} lrs div"
-    if r["seeds_diverged"]:
+    if r.get("seeds_diverged"):
         text += f", {r['seeds_diverged']}/{len(r['seeds'])} seeds div"
     return text
 
@@ -409,7 +409,8 @@ def _steps_cell(r: dict[str, Any], key: str | None = None) -> str:
         marks.append(
             "div" if seed["status"] != "finished" else "-" if steps is None else str(steps)
         )
-    return " / ".join(marks) + f" (every {r['eval_every_steps']})"
+    every = r.get("eval_every_steps")
+    return " / ".join(marks) + ("" if every is None else f" (every {every})")
 
 
 def _time_cell(r: dict[str, Any]) -> str:
@@ -466,14 +467,19 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             *_grid_table(labels, batches, cell, partial(_steps_cell, key=key)),
         ]
-    lines += [
-        "",
-        "Median training seconds to the target over the seeds (evaluation excluded; `-` = a "
-        "seed missed it) and the mean step time in ms, measured in the same invocation on the "
-        "same machine, contenders run back to back:",
-        "",
-        *_grid_table(labels, batches, cell, _time_cell),
-    ]
+    timed = any("seconds_to_target" in r for r in rows)  # results before issue 14 lack it
+    lines += (
+        []
+        if not timed
+        else [
+            "",
+            "Median training seconds to the target over the seeds (evaluation excluded; `-` = a "
+            "seed missed it) and the mean step time in ms, measured in the same invocation on the "
+            "same machine, contenders run back to back:",
+            "",
+            *_grid_table(labels, batches, cell, _time_cell),
+        ]
+    )
     critical = results.get("critical_batch", {})
     if critical:
         lines += [

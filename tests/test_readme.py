@@ -45,3 +45,17 @@ def test_readme_has_snippets_and_its_links_exist() -> None:
     assert len(SNIPPETS) >= 3
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_benchmarks_readme_is_generated_from_the_results() -> None:
+    """benchmarks/README.md equals what benchmarks/make_readme.py renders from results/."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "make_readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

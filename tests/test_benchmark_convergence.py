@@ -81,7 +81,8 @@ def test_study_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
         assert (row["bound_hit"] is not None) == row["chosen_at_edge"]
         assert len(row["seconds_to_target"]) == len(row["step_ms"]) == 2
         assert all(ms > 0 for ms in row["step_ms"])
-    assert set(results["critical_batch"]) == {"momentum", "spngd-emp"}
+    assert set(results["critical_batch"]) == {"0.85", "0.8"}
+    assert set(results["critical_batch"]["0.85"]) == {"momentum", "spngd-emp"}
     table = stem.with_suffix(".md").read_text()
     assert "Critical batch size" in table
     assert "ms/step" in table

@@ -126,11 +126,17 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         return value
 
     monkeypatch.setattr(run, "_train_step", step_then_signal)
-    with pytest.raises(TrainingInterrupted, match="checkpoint saved"):
-        run.run()
+    # a known handler before the run (a shell's background job starts with SIGINT ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match="checkpoint saved"):
+            run.run()
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 4  # the step in flight finished, then the run stopped
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler  # the run put the handler back
 
 
 def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ DATA_DIR ?= $(firstword $(wildcard ../shared/data/fashion-mnist) $(wildcard /usr
 DATA_ARGS ?= $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download)
 OUT ?= runs/compare
 
-.PHONY: compare demo test venv install install-test lint
+.PHONY: compare demo test test-fast venv install install-test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,7 @@ lint: install-test
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The developer's loop: everything but the tests marked slow (multi-process, end to end).
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow"

@@ -15,6 +15,8 @@ import pytest
 from bigbatch.train.config import config_from_mapping
 from bigbatch.train.loop import RunResult
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data"
 SCRIPT = ROOT / "benchmarks" / "convergence.py"

@@ -23,6 +23,8 @@ from bigbatch import NLCG, SPNGD, KFACPreconditioner, StalenessConfig
 from bigbatch.distributed import DistributedCurvature, RanksDivergedError
 from bigbatch.distributed.local_ranks import run_on_ranks
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 GLOBAL_BATCH = 16
 STEPS = 12
 

@@ -102,6 +102,7 @@ def _collectives(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # three processes
 def test_collectives_on_three_ranks() -> None:
     world = 3
     outs = run_on_ranks(_collectives, world)

@@ -23,6 +23,8 @@ from bigbatch.distributed.checkpoint import load_sharded, save_sharded
 from bigbatch.distributed.config import DistributedConfig
 from bigbatch.distributed.local_ranks import run_on_ranks
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 GLOBAL_BATCH = 16
 STEPS = 4
 MORE = 2

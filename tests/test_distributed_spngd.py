@@ -19,6 +19,8 @@ from bigbatch.distributed.config import DistributedConfig
 from bigbatch.distributed.kfac_sync import DistributedCurvature
 from bigbatch.distributed.local_ranks import run_on_ranks
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 GLOBAL_BATCH = 16
 STEPS = 8
 SCENARIOS = [(mode, micro) for mode in ("simple", "hybrid") for micro in (1, 2)]

@@ -23,7 +23,10 @@ from bigbatch.train.rank_watch import RankWatch
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIGBATCH_DIST_TIMEOUT": "30"}
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc"),
+    pytest.mark.slow,  # subprocesses under torchrun: not in make test-fast
+]
 
 
 def _running_with(marker: str) -> list[int]:

@@ -1,5 +1,7 @@
-"""The README's Python snippets run as printed (a GPU-only or multi-process snippet is
-compiled only), and its relative links point at files that exist."""
+"""The Python snippets of the README and of docs/ run as printed (a GPU-only or
+multi-process snippet is compiled only); every relative link of the README, docs/ and
+benchmarks/README.md points at a file that exists; every ``bigbatch.*`` name and every
+repository file cited in the code's docstrings and comments exists."""
 
 from __future__ import annotations
 
@@ -11,7 +13,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/README.md"]
+SNIPPETS = [
+    snippet
+    for page in PAGES
+    for snippet in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+]
 
 
 def _namespace() -> dict[str, object]:
@@ -41,10 +48,43 @@ def test_readme_snippet_runs(index: int) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_readme_has_snippets_and_its_links_exist() -> None:
+def test_readme_is_short_and_its_links_and_the_docs_links_exist() -> None:
     assert len(SNIPPETS) >= 3
-    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README):
-        assert (ROOT / target).exists(), target
+    assert len(README.encode()) < 15_000  # the details live in docs/
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: {target}"
+
+
+def test_names_and_files_cited_in_the_code_exist() -> None:
+    import importlib
+
+    sources = sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    missing = []
+    for path in sources:
+        text = path.read_text()
+        for name in set(re.findall(r"\bbigbatch(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)):
+            parts = name.split(".")
+            obj: object = None
+            for k in range(len(parts), 0, -1):  # the longest importable module, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:k]))
+                except ImportError:
+                    continue
+                for attr in parts[k:]:
+                    obj = getattr(obj, attr, None)
+                break
+            if obj is None:
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+        for cited in set(
+            re.findall(
+                r"\b((?:docs|tests|benchmarks|configs|examples)/[\w./-]+\.(?:md|py|toml|yaml|json))",
+                text,
+            )
+        ):
+            if not (ROOT / cited).exists():
+                missing.append(f"{path.relative_to(ROOT)}: {cited}")
+    assert not missing, missing
 
 
 def test_benchmarks_readme_is_generated_from_the_results() -> None:

@@ -647,3 +647,46 @@ def test_a_frozen_bias_is_neither_preconditioned_nor_called_a_fallback() -> None
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert torch.equal(model[0].bias, bias)
+
+
+def test_param_groups_hold_no_private_entries_and_an_lr_change_survives_a_resume() -> None:
+    """The lr of each group's last update (momentum is rescaled when the lr changes) is
+    optimizer state, not a param-group entry; a resume right before an lr change continues
+    exactly like the uninterrupted run."""
+    import copy
+
+    def data(step: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(step)
+        return torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(
+            0, 3, (16,), generator=gen
+        )
+
+    def train(model: nn.Module, opt: SPNGD, steps: range) -> None:
+        for step in steps:
+            x, y = data(step)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    opt = SPNGD(model, lr=0.1, momentum=0.9, damping=1e-2)
+    train(model, opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in model.parameters()]
+    assert all(not k.startswith("_") for g in saved["param_groups"] for k in g)
+    for group in opt.param_groups:
+        group["lr"] = 0.03
+    train(model, opt, range(3, 5))
+
+    other = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        for p, q in zip(other.parameters(), weights, strict=True):
+            p.copy_(q)
+    resumed = SPNGD(other, lr=0.1, momentum=0.9, damping=1e-2)
+    resumed.load_state_dict(saved)
+    for group in resumed.param_groups:
+        group["lr"] = 0.03
+    train(other, resumed, range(3, 5))
+    for p, q in zip(other.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -27,6 +27,8 @@ from bigbatch.train.loop import TrainingRun
 from bigbatch.train.metrics import read_metrics
 from tests.harness_data import synthetic_dataset
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 BASE = [

@@ -21,6 +21,8 @@ import torch
 from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 #: digits: 1,233 training images (200 held out) // 64 = 19 steps per epoch
 TRAIN = [

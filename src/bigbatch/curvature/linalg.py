@@ -17,7 +17,7 @@ This module provides:
   float64, then fall back to the block's last good inverse, and :class:`InversionError` is
   raised when a block has no usable inverse or has failed ``max_failures`` times in a row.
 
-It is not for computing the factors (that is the layers/accumulator code), deciding when to
+It is not for computing the factors (the block kinds in ``blocks/`` do that), deciding when to
 refresh them (staleness) or applying the inverses to gradients (blocks); it only turns
 factor matrices into damped inverses.
 """

@@ -175,6 +175,8 @@ class SPNGD(Optimizer):
         if not precondition:
             self.engine.capture.arm(())  # nothing is ever recorded
         self.skipped_steps = 0
+        #: each param group's lr at its last update (momentum is rescaled when lr changes)
+        self._prev_lr: dict[int, float] = {}
         self.last_report = RefreshReport()
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._blocks = [
@@ -343,7 +345,7 @@ class SPNGD(Optimizer):
         rescale_params = {
             b.params[0] for b in self._blocks if b.kind in (BlockKind.LINEAR, BlockKind.CONV2D)
         }
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             ps = [p for p in group["params"] if p in directions]
             if not ps:
                 continue
@@ -355,9 +357,9 @@ class SPNGD(Optimizer):
             if wd:
                 ds = list(torch._foreach_add(ds, ps, alpha=wd))
             if m:
-                prev_lr = float(group.get("_spngd_prev_lr", lr))
+                prev_lr = self._prev_lr.get(index, lr)
                 ds = self._momentum(ps, ds, m * (lr / prev_lr) if prev_lr else m)
-                group["_spngd_prev_lr"] = lr
+                self._prev_lr[index] = lr
             torch._foreach_add_(ps, ds, alpha=-lr)
             if group["weight_rescale"]:
                 targets = [p for p in ps if p in rescale_params]
@@ -390,7 +392,7 @@ class SPNGD(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["curvature"] = self.engine.state_dict()
-        sd["spngd"] = {"skipped_steps": self.skipped_steps}
+        sd["spngd"] = {"skipped_steps": self.skipped_steps, "prev_lr": dict(self._prev_lr)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -434,6 +436,12 @@ class SPNGD(Optimizer):
                 self.state[p]["momentum_buffer"] = buf.to(p.device, _state_dtype(p), copy=True)
         self.engine.apply_state(parsed)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        prev = {int(k): float(v) for k, v in extra.get("prev_lr", {}).items()}
+        for index, group in enumerate(self.param_groups):
+            old = group.pop("_spngd_prev_lr", None)  # where bigbatch <= 0.2.0 kept it
+            if old is not None and index not in prev:
+                prev[index] = float(old)
+        self._prev_lr = prev
 
     @property
     def refresh_fraction(self) -> float:

@@ -34,7 +34,7 @@ micro-batches by ``len(micro) / share`` (the mean over its share) and the optimi
 gradients and curvature statistics itself, so the harness does not all-reduce the
 gradients then.
 
-Not here: building models/optimizers/data (their modules), comparing runs (``compare.py``).
+Not here: building models/optimizers/data (their modules), comparing runs (``experiments.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PNG plots of runs: test accuracy against steps, and steps to target against batch size.
 
 matplotlib with the non-interactive Agg backend (no display needed). Not here: choosing
-which runs to plot (``compare.py``, ``sweep.py``).
+which runs to plot (``experiments.py``, ``report.py``).
 """
 
 from __future__ import annotations

@@ -647,6 +647,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/convergence"), help="run folders")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="results file suffix for a part of a split study (e.g. a contender)",
+    )
     args = p.parse_args(argv)
     task = TASKS[args.task]
     if args.budget not in task.budgets:
@@ -720,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    subset = "_subset" if args.contenders or args.batch_sizes else ""
+    subset = (
+        f"_{args.tag}" if args.tag else "_subset" if args.contenders or args.batch_sizes else ""
+    )
     budget_tag = "" if args.budget == "full" else f"_{args.budget}"
     stem = args.results / f"convergence_{args.task}{budget_tag}{subset}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -51,9 +51,9 @@ from bigbatch.train.config import Config, config_from_mapping
 from bigbatch.train.critical_batch import critical_batch_size
 from bigbatch.train.data import ImageDataset, load_dataset
 from bigbatch.train.experiments import run_grid
-from bigbatch.train.loop import RunResult
 from bigbatch.train.malloc_tuning import tune_malloc
 from bigbatch.train.plots import plot_scaling
+from bigbatch.train.results import RunResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info

@@ -46,8 +46,9 @@ import torch
 from bigbatch.train.batches import prepare_text
 from bigbatch.train.config import config_from_mapping
 from bigbatch.train.data import TextDataset, load_dataset
-from bigbatch.train.loop import RunResult, TrainingRun
+from bigbatch.train.loop import TrainingRun
 from bigbatch.train.malloc_tuning import tune_malloc
+from bigbatch.train.results import RunResult
 from bigbatch.train.tuning import search_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.train.config import config_from_mapping
-from bigbatch.train.loop import RunResult
+from bigbatch.train.results import RunResult
 
 pytestmark = pytest.mark.slow  # multi-process or end to end: not in make test-fast
 

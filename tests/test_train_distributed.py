@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from bigbatch.train import interrupt as interrupt_module
 from bigbatch.train import loop as loop_module
 from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.config import Config, ConfigError, load_config
@@ -466,8 +467,8 @@ def test_cli_nproc_compare_then_resume(tmp_path: Path) -> None:
 def test_one_ctrl_c_delivered_twice_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     clock = iter([10.0, 10.5, 13.0])
-    monkeypatch.setattr(loop_module.time, "monotonic", lambda: next(clock))
-    handle = loop_module._once_per_ctrl_c(lambda signum, frame: calls.append(signum))
+    monkeypatch.setattr(interrupt_module.time, "monotonic", lambda: next(clock))
+    handle = interrupt_module.once_per_ctrl_c(lambda signum, frame: calls.append(signum))
     for _ in range(3):
         handle(signal.SIGINT, None)
     assert calls == [signal.SIGINT, signal.SIGINT]  # the repeat 0.5 s later was dropped

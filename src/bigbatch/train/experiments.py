@@ -36,9 +36,10 @@ from bigbatch.train.dist_env import (
     init_from_env,
     local_device,
 )
-from bigbatch.train.loop import RunResult, TrainingRun, resolve_device
+from bigbatch.train.loop import TrainingRun, resolve_device
 from bigbatch.train.metrics import read_metrics
 from bigbatch.train.optimizers import optimizer_spec
+from bigbatch.train.results import RunResult
 from bigbatch.train.tuning import search_lr
 
 __all__ = ["Choice", "lr_grid", "run_compare", "run_grid", "run_sweep", "scaled_grid"]

@@ -7,11 +7,19 @@ thread (where signal handlers cannot be installed) Ctrl-C keeps its usual behavi
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
-__all__ = ["GracefulInterrupt", "TrainingInterrupted"]
+__all__ = ["SAME_CTRL_C_S", "GracefulInterrupt", "TrainingInterrupted", "once_per_ctrl_c"]
+
+#: Under torchrun one Ctrl-C arrives twice (from the terminal and forwarded by the launcher);
+#: a repeat within this many seconds is the same Ctrl-C, not a second one.
+SAME_CTRL_C_S = 2.0
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -49,3 +57,19 @@ class GracefulInterrupt:
     ) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+
+
+def once_per_ctrl_c(handler: Any) -> Callable[[int, FrameType | None], None]:
+    """``handler``, but a SIGINT within ``SAME_CTRL_C_S`` of the previous one is dropped."""
+    last = -math.inf
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < SAME_CTRL_C_S:
+            return
+        last = now
+        if callable(handler):
+            handler(signum, frame)
+
+    return handle

@@ -13,26 +13,10 @@ then the optimizer steps (NLCG gets the batch loss for its step control), the le
 schedule advances and the weight average (if any) is updated. A non-finite or exploding
 loss stops the run as "diverged" before anything reaches the weights.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1; see ``dist_env.py``) the run is data-parallel: rank
-``r`` of ``W`` takes the contiguous ``r``-th ``1/W`` of the step's global batch
-(``BatchOrder.indices(step)``) and accumulates its micro-batches with the same weights
-``len(micro) / batch_size``; the gradients are then summed across the ranks (a bucketed
-all-reduce after the accumulation, so the update equals the single-process full-batch
-update up to the order of the float sums), and floating-point buffers (BatchNorm running
-statistics) are averaged so that every rank holds the same model. Before that, one small
-all-reduce shares the batch loss (NLCG's step control and the divergence check see the
-global loss, so every rank decides alike), whether a rank failed (then every rank stops
-with that rank's error) and whether Ctrl-C was pressed on any rank. Augmentation, mixup and
-dropout draw from generators seeded by (seed, step, rank): deterministic for a seed and a
-world size, but not equal to a single-process run's draws. Evaluation is sharded and
-reduced; rank 0 alone writes metrics, checkpoints and the summary (a resume reads rank 0's
-checkpoint and broadcasts it). SP-NGD runs in its own distributed mode
-(``optimizer.options.distributed``: ``"hybrid"``, the default, or ``"simple"``; see
-:class:`bigbatch.DistributedConfig`), and so does NLCG with the K-FAC preconditioner (its
-statistics all-reduced, the gradients averaged by NLCG): each rank weights its
-micro-batches by ``len(micro) / share`` (the mean over its share) and the optimizer averages
-gradients and curvature statistics itself, so the harness does not all-reduce the
-gradients then.
+Under ``torchrun`` the run is data-parallel: each rank takes its contiguous share of every
+global batch, gradients are summed across ranks once (or by an optimizer that averages its
+own: see its registry entry's capabilities), buffers averaged, one small all-reduce shares
+the loss, failures and Ctrl-C; rank 0 writes. The details: docs/distributed.md.
 
 Not here: building models/optimizers/data (their modules), comparing runs (``experiments.py``).
 """
@@ -44,10 +28,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -82,76 +63,19 @@ from bigbatch.train.dist_env import (
 )
 from bigbatch.train.ema import make_ema
 from bigbatch.train.evaluate import evaluate
-from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted
+from bigbatch.train.interrupt import GracefulInterrupt, TrainingInterrupted, once_per_ctrl_c
 from bigbatch.train.metrics import MetricsLog, read_metrics
 from bigbatch.train.micro_batch import auto_micro_batch
 from bigbatch.train.models import build_model
 from bigbatch.train.optimizers import build_optimizer, capabilities, optimizer_spec
+from bigbatch.train.results import RunResult
+from bigbatch.train.resume_check import check_same_run
 from bigbatch.train.schedules import lr_factor_fn
 from bigbatch.train.targets import Mixup, one_hot_smooth, soft_cross_entropy
 
 __all__ = ["RunResult", "TrainingRun", "resolve_device"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-#: Under torchrun one Ctrl-C arrives twice (from the terminal and forwarded by the launcher);
-#: a repeat within this many seconds is the same Ctrl-C, not a second one.
-SAME_CTRL_C_S = 2.0
-#: Config keys that may change between a checkpoint and its resumption.
-_RESUMABLE_CHANGES = {
-    "data.data_dir",
-    "data.download",
-    "data.cache_dir",
-    "train.threads",
-    "train.progress",
-    "train.tensorboard",
-    "train.checkpoint_every",
-    "train.device",
-}
-
-
-@dataclass
-class RunResult:
-    """What a finished (or stopped) run reports."""
-
-    name: str
-    optimizer: str
-    lr: float
-    batch_size: int
-    steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "finished"  # or "diverged"
-    wall_s: float = 0.0
-    micro_batch_size: int = 0
-
-    def last(self, key: str) -> float:
-        values = [r[key] for r in self.history if r.get(key) is not None]
-        return float(values[-1]) if values else float("nan")
-
-    def best(self, key: str) -> float:
-        values = [r[key] for r in self.history if r.get(key) is not None]
-        return float(max(values)) if values else float("nan")
-
-    def steps_to(self, target: float, key: str = "test_acc") -> int | None:
-        for record in self.history:
-            value = record.get(key)
-            if value is not None and value >= target:
-                return int(record["step"])
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "micro_batch_size": self.micro_batch_size,
-            "steps": self.steps,
-            "status": self.status,
-            "wall_s": self.wall_s,
-            "final_test_acc": self.last("test_acc"),
-            "best_test_acc": self.best("test_acc"),
-            "final_val_acc": self.last("val_acc"),
-        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -504,7 +428,7 @@ class TrainingRun:
         return load_checkpoint(self.checkpoint_path)
 
     def load(self, state: dict[str, Any]) -> None:
-        _check_same_run(state.get("config", {}), self.cfg.to_dict(), self.checkpoint_path)
+        check_same_run(state.get("config", {}), self.cfg.to_dict(), self.checkpoint_path)
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.total_steps:
             raise CheckpointError(
@@ -580,7 +504,7 @@ class TrainingRun:
             with GracefulInterrupt() as interrupt:
                 self._interrupt = interrupt
                 if self.dist.enabled and threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGINT, _once_per_ctrl_c(signal.getsignal(signal.SIGINT)))
+                    signal.signal(signal.SIGINT, once_per_ctrl_c(signal.getsignal(signal.SIGINT)))
                 if self.step == 0 and self.status == "finished":
                     record = self._evaluate()
                     if log is not None:
@@ -646,22 +570,6 @@ def _check_text_config(cfg: Config) -> None:
         raise ConfigError("optimizer.options.fisher='mc' is for image classifiers here")
 
 
-def _once_per_ctrl_c(handler: Any) -> Callable[[int, FrameType | None], None]:
-    """``handler``, but a SIGINT within ``SAME_CTRL_C_S`` of the previous one is dropped."""
-    last = -math.inf
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last < SAME_CTRL_C_S:
-            return
-        last = now
-        if callable(handler):
-            handler(signum, frame)
-
-    return handle
-
-
 def _bar_disabled(mode: str, override: bool | None) -> bool | None:
     if override is not None:
         return not override
@@ -670,31 +578,3 @@ def _bar_disabled(mode: str, override: bool | None) -> bool | None:
 
 def _json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    old, new = _flatten(saved), _flatten(current)
-    changed = sorted(
-        k
-        for k in old.keys() | new.keys()
-        if old.get(k) != new.get(k)
-        and k not in _RESUMABLE_CHANGES
-        and not k.startswith(("compare.", "sweep."))
-    )
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise CheckpointError(
-            f"the checkpoint {path} was written with a different configuration ({details}); "
-            "resume with the same configuration or start a new run directory"
-        )

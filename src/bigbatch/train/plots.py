@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bigbatch.train.loop import RunResult
+from bigbatch.train.results import RunResult
 
 __all__ = ["plot_accuracy", "plot_scaling"]
 

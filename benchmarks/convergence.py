@@ -200,6 +200,16 @@ TASKS: dict[str, Task] = {
                 validation_size=256,
             ),
             "quick": Budget((4096, 16384), epochs=10, seeds=1, grid_points=1),
+            # the GPU run of issue 16 (benchmarks/gpu/run.py): one lr per contender, the
+            # centre of the CPU study's grid at batch 8192, a few minutes on an H200
+            "gpu-short": Budget(
+                (8192,),
+                epochs=10,
+                seeds=1,
+                grid_points=1,
+                evals_per_epoch=1,
+                contenders=("momentum", "lamb", "spngd-emp", "nlcg-kfac"),
+            ),
             "full": Budget((4096, 8192, 16384), epochs=60, seeds=2, grid_points=3),
         },
     ),

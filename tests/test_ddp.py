@@ -151,3 +151,35 @@ def test_ranks_that_drift_apart_are_caught(kind: str) -> None:
         assert "the ranks hold different parameters after step 3" in message
         assert "rank 0:" in message
         assert "rank 1:" in message
+
+
+def test_ddp_over_a_single_rank_trains_like_no_ddp() -> None:
+    """A DDP script run with one process (a debugging run of the same script): SPNGD trains
+    locally, exactly like the unwrapped model, instead of refusing."""
+    from bigbatch.distributed.local_ranks import free_port
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+
+        def run(wrap: bool) -> list[Tensor]:
+            torch.manual_seed(0)
+            model: nn.Module = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+            inner = model
+            if wrap:
+                model = nn.parallel.DistributedDataParallel(model)
+            opt = SPNGD(model, lr=0.1, momentum=0.9, damping=1e-2)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+                y = torch.randint(0, 3, (8,), generator=gen)
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            return [p.detach().clone() for p in inner.parameters()]
+
+        for a, b in zip(run(True), run(False), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    finally:
+        torch.distributed.destroy_process_group()

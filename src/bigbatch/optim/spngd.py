@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
@@ -467,6 +468,9 @@ def _distributed_config(
             f"distributed must be None, True, False or a DistributedConfig, got {distributed!r}"
         )
     if data_parallel_group() is None:
+        one_rank = dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
+        if wrapped and distributed is None and one_rank:
+            return None  # DDP over a single rank: nothing to combine
         if distributed is True or wrapped:
             raise ValueError(
                 "distributed training needs an initialised torch.distributed process group "

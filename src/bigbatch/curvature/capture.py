@@ -32,11 +32,11 @@ from bigbatch.curvature.blocks.base import FactorValue, FisherBlock, LinearUser,
 from bigbatch.curvature.blocks.embedding import EmbeddingBlock
 from bigbatch.curvature.blocks.registry import discover
 from bigbatch.curvature.functional import FunctionalUses
-from bigbatch.curvature.keys import KFAC_APPROX, KFACApprox, StatKey
+from bigbatch.curvature.keys import KFAC_APPROX, FisherType, KFACApprox, StatKey
 
 __all__ = ["FISHER_TYPES", "CapturedStats", "CurvatureCapture", "loss_terms"]
 
-FISHER_TYPES = ("empirical", "mc")
+FISHER_TYPES: tuple[FisherType, ...] = ("empirical", "mc")
 
 
 @dataclass
@@ -102,7 +102,7 @@ class CurvatureCapture:
     """
 
     def __init__(
-        self, model: nn.Module, fisher: str = "empirical", kfac_approx: KFACApprox = "expand"
+        self, model: nn.Module, fisher: FisherType = "empirical", kfac_approx: KFACApprox = "expand"
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bigbatch.curvature.blocks.base import FisherBlock
 from bigbatch.curvature.blocks.embedding import EmbeddingBlock
 from bigbatch.curvature.capture import CurvatureCapture
-from bigbatch.curvature.keys import Factor, KFACApprox, StatKey, nest, unnest
+from bigbatch.curvature.keys import Factor, FisherType, KFACApprox, StatKey, nest, unnest
 from bigbatch.curvature.linalg import DampedInverter, InversionConfig, InversionError
 from bigbatch.curvature.staleness import RefreshSchedule, StalenessConfig
 from bigbatch.curvature.strategy import (
@@ -89,7 +89,7 @@ class KFACEngine:
     def __init__(
         self,
         model: nn.Module,
-        fisher: str = "empirical",
+        fisher: FisherType = "empirical",
         staleness: StalenessConfig | None = None,
         inversion: InversionConfig | None = None,
         strategy: CurvatureStrategy | None = None,

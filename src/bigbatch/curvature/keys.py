@@ -50,6 +50,8 @@ class Factor(str, Enum):
 StatKey = tuple[str, Factor]
 
 KFACApprox = Literal["expand", "reduce"]
+#: which Fisher the statistics estimate: the empirical one, or Monte Carlo labels
+FisherType = Literal["empirical", "mc"]
 KFAC_APPROX: tuple[KFACApprox, ...] = ("expand", "reduce")
 
 V = TypeVar("V")

@@ -28,7 +28,7 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,7 +44,8 @@ __all__ = [
     "pi_correction",
 ]
 
-METHODS = ("eigh", "cholesky")
+InversionMethod = Literal["eigh", "cholesky"]
+METHODS: tuple[InversionMethod, ...] = ("eigh", "cholesky")
 #: the smallest Tikhonov damping the optimizers accept: below it no float arithmetic keeps a
 #: rank-deficient factor (fewer samples than dimensions) invertible
 MIN_DAMPING = 1e-10
@@ -104,7 +105,7 @@ class InversionConfig:
     ``float64_retry``: retry blocks that failed in float32 once in float64.
     """
 
-    method: str = "cholesky"
+    method: InversionMethod = "cholesky"
     max_failures: int = 3
     float64_retry: bool = True
 

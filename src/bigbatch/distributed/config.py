@@ -11,11 +11,12 @@ options.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["MODES", "DistributedConfig"]
 
-MODES = ("simple", "hybrid")
+DistributedMode = Literal["simple", "hybrid"]
+MODES: tuple[DistributedMode, ...] = ("simple", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class DistributedConfig:
             must be initialised before the optimizer is built.
     """
 
-    mode: str = "hybrid"
+    mode: DistributedMode = "hybrid"
     group: Any = None
 
     def __post_init__(self) -> None:

@@ -10,13 +10,13 @@ default).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bigbatch.curvature.engine import KFACEngine
-from bigbatch.curvature.keys import KFAC_APPROX, KFACApprox
+from bigbatch.curvature.keys import KFAC_APPROX, FisherType, KFACApprox
 from bigbatch.curvature.linalg import MIN_DAMPING, InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.curvature.strategy import CurvatureStrategy
@@ -52,7 +52,7 @@ class KFACPreconditioner(Preconditioner):
         model: nn.Module,
         damping: float = 1e-3,
         *,
-        fisher: str = "empirical",
+        fisher: FisherType = "empirical",
         staleness: StalenessConfig | bool = True,
         inversion: InversionConfig | None = None,
         kfac_approx: KFACApprox = "expand",
@@ -71,7 +71,7 @@ class KFACPreconditioner(Preconditioner):
             )
         if group is not None:
             strategy = DistributedCurvature(DistributedConfig("simple", group))
-        kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
+        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         if isinstance(staleness, bool):
             staleness = StalenessConfig(enabled=staleness)
         elif not isinstance(staleness, StalenessConfig):

@@ -23,8 +23,9 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from bigbatch.curvature.blocks.base import FisherBlock
+from bigbatch.curvature.capture import FISHER_TYPES
 from bigbatch.curvature.engine import KFACEngine
-from bigbatch.curvature.keys import KFAC_APPROX, BlockKind, KFACApprox
+from bigbatch.curvature.keys import KFAC_APPROX, BlockKind, FisherType, KFACApprox
 from bigbatch.curvature.linalg import MIN_DAMPING, InversionConfig
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.curvature.strategy import CurvatureStrategy, RefreshReport
@@ -126,7 +127,7 @@ class SPNGD(Optimizer):
         weight_decay: float = 0.0,
         weight_rescale: bool = False,
         kl_clip: float | None = None,
-        fisher: str = "empirical",
+        fisher: FisherType = "empirical",
         staleness: StalenessConfig | bool = True,
         inversion: InversionConfig | None = None,
         nonfinite: str = "skip",
@@ -144,8 +145,8 @@ class SPNGD(Optimizer):
             None if kl_clip is None else check_number("kl_clip", kl_clip, low=0.0, low_open=True)
         )
         self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE_POLICIES)
-        fisher = check_choice("fisher", fisher, ("empirical", "mc"))
-        kfac_approx = cast(KFACApprox, check_choice("kfac_approx", kfac_approx, KFAC_APPROX))
+        fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         every = check_int("consistency_every", consistency_every, low=0)
         if not isinstance(precondition, bool):
             raise ValueError(f"precondition must be True or False, got {precondition!r}")

@@ -17,11 +17,12 @@ non-positive reference loss makes the comparison meaningless, and it is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["STEP_CONTROL_MODES", "StepControl", "StepDecision", "shrink_band"]
 
-STEP_CONTROL_MODES = ("step", "online", "off")
+StepControlMode = Literal["step", "online", "off"]
+STEP_CONTROL_MODES: tuple[StepControlMode, ...] = ("step", "online", "off")
 EMA_DECAY = 0.7
 MIN_BASE_LR = 1e-4
 # (ratio above 1 + edge*threshold) -> (gamma, undo); checked from the largest edge down.
@@ -54,7 +55,7 @@ class StepDecision:
 class StepControl:
     """State and rule of the step control; all fields are plain floats (checkpointable)."""
 
-    mode: str = "step"
+    mode: StepControlMode = "step"
     period: int = 5
     threshold: float = 1.0
     base_lr: float = 1.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Any
+from typing import Any, TypeVar, cast
+
+S = TypeVar("S", bound=str)
 
 __all__ = [
     "FLOAT32_MAX",
@@ -83,7 +85,8 @@ def check_unique_params(params: Any, what: str) -> None:
         seen.add(id(p))
 
 
-def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
+def check_choice(name: str, value: Any, choices: Collection[S]) -> S:
+    """``value`` (lower-cased) when it is one of ``choices`` (typed by their Literal)."""
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value.lower()
+    return cast(S, value.lower())

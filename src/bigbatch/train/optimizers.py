@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytorch_optimizer
 import schedulefree
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from bigbatch.curvature.linalg import InversionConfig
+from bigbatch.curvature.linalg import InversionConfig, InversionMethod
 from bigbatch.curvature.staleness import StalenessConfig
 from bigbatch.optim import NLCG, SPNGD, KFACPreconditioner
 from bigbatch.train.combined import muon_with_adamw
@@ -168,7 +168,9 @@ def _curvature_options(opts: dict[str, Any]) -> dict[str, Any]:
     opts = dict(opts)
     inversion = opts.get("inversion")
     if isinstance(inversion, str):
-        opts["inversion"] = InversionConfig(method=inversion)
+        opts["inversion"] = InversionConfig(
+            method=cast(InversionMethod, inversion)
+        )  # checked there
     elif isinstance(inversion, Mapping):
         opts["inversion"] = InversionConfig(**inversion)
     staleness = opts.get("staleness")

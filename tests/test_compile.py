@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from bigbatch import NLCG, SPNGD, KFACPreconditioner
 
+pytestmark = pytest.mark.slow  # torch.compile's first compilations take seconds each
+
 BACKEND = "aot_eager"
 
 

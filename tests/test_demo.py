@@ -49,8 +49,8 @@ def test_demo_trains_both_optimizers_on_fashion_mnist() -> None:
         )
     }
     assert set(accs) == {"SGD", "NLCG"}, out.stdout
-    # two epochs of a real model: well above chance (10%), and not a perfect score
-    assert all(60.0 < acc < 95.0 for acc in accs.values()), accs
+    # two epochs of a real model at batch 4096 (26 steps): far above chance (10%)
+    assert all(acc > 70.0 for acc in accs.values()), accs
 
 
 def test_demo_without_data_says_what_to_do(tmp_path: Path) -> None:
@@ -69,9 +69,13 @@ def test_demo_without_data_says_what_to_do(tmp_path: Path) -> None:
         check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
-    if out.returncode == 0:  # the machine has a system copy (Debian's package): fine
+    if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's package is found
+        assert out.returncode == 0, out.stderr
         assert "Fashion-MNIST from" in out.stdout
         return
     assert out.returncode == 2
-    assert "train-images-idx3-ubyte.gz" in out.stderr or "fashion" in out.stderr.lower()
-    assert "--download" in out.stderr or "download" in out.stderr
+    assert "error: Fashion-MNIST not found" in out.stderr
+    assert "train-images-idx3-ubyte.gz" in out.stderr
+    assert f"{tmp_path}  (no such directory)" not in out.stderr  # tmp_path exists, empty
+    assert "pass --download" in out.stderr
+    assert "--data-dir DIR" in out.stderr

@@ -124,6 +124,7 @@ def kjv() -> TextDataset:
     return ds
 
 
+@pytest.mark.slow  # trains on the real text, twice per optimizer
 @pytest.mark.parametrize(("optimizer", "lr"), [("adamw", 3e-3), ("spngd", 0.01)])
 def test_training_on_kjv_lowers_the_validation_loss_and_resumes_exactly(
     kjv: TextDataset, tmp_path: Path, optimizer: str, lr: float

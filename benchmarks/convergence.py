@@ -56,7 +56,7 @@ from bigbatch.train.plots import plot_scaling
 from bigbatch.train.results import RunResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info
+from bigbatch.train.machine import machine_info
 
 REFERENCE_BATCH = 8192
 

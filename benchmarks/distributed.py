@@ -65,7 +65,7 @@ from bigbatch.train.data import load_dataset
 from bigbatch.train.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info
+from bigbatch.train.machine import machine_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed.json"
 SETTINGS: dict[str, tuple[str, bool]] = {

@@ -52,7 +52,7 @@ from bigbatch.train.results import RunResult
 from bigbatch.train.tuning import search_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info
+from bigbatch.train.machine import machine_info
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from torch.nn import functional as F
 
 import bigbatch
 from bigbatch.train import DatasetError, load_fashion_mnist
-from machine import machine_info
+from bigbatch.train.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "fashion-mnist"

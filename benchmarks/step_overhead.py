@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bigbatch
-from machine import cpu_model, git_revision
+from bigbatch.train.machine import cpu_model, git_revision
 from models import MODEL_SPECS, ModelSpec
 
 try:  # the peer K-FAC (PyPI "asdfghjkl"); optional

@@ -22,6 +22,7 @@ from bigbatch.train.batches import validation_count
 from bigbatch.train.config import Config
 from bigbatch.train.data import Dataset, TextDataset
 from bigbatch.train.experiments import Choice
+from bigbatch.train.machine import cpu_model
 from bigbatch.train.optimizers import optimizer_spec
 from bigbatch.train.plots import plot_accuracy, plot_scaling
 from bigbatch.train.tuning import spread
@@ -85,18 +86,6 @@ def _best_steps(c: Choice, target: float) -> int | None:
     return min(reached) if reached else None
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}".strip()
-
-
 def _context(cfg: Config, command: str, dataset: Dataset) -> dict[str, Any]:
     if isinstance(dataset, TextDataset):
         held_out = dataset.val_end - dataset.train_end
@@ -107,7 +96,7 @@ def _context(cfg: Config, command: str, dataset: Dataset) -> dict[str, Any]:
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _cpu_model(),
+        "machine": f"{cpu_model()} ({platform.machine()})",
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -1,4 +1,7 @@
-"""What a benchmark result records about where it ran: CPU model and git revision."""
+"""Where a result was measured: CPU model, cores, versions and git revision.
+
+One description for the benchmarks' results files and the harness's reports.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def machine_info(torch_threads: int) -> dict[str, Any]:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -44,8 +48,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_revision() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+def git_revision(root: Path | None = None) -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes), None outside git."""
+    root = root if root is not None else Path.cwd()
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True

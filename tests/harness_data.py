@@ -1,10 +1,12 @@
-"""A small learnable image dataset for harness tests (no files, no download)."""
+"""Helpers for harness tests: a small learnable image dataset (no files, no download) and a
+Ctrl-C that arrives at a chosen check."""
 
 from __future__ import annotations
 
 import torch
 
 from bigbatch.train.data import ImageDataset
+from bigbatch.train.interrupt import GracefulInterrupt
 
 
 def synthetic_dataset(
@@ -34,3 +36,22 @@ def synthetic_dataset(
         std=(float(pixels.std(unbiased=False)),),
         source="memory",
     )
+
+
+def ctrl_c_at_check(n: int) -> type[GracefulInterrupt]:
+    """A :class:`GracefulInterrupt` whose ``requested`` turns true at its ``n``-th reading
+    (the loop reads it once per step): patch it into ``bigbatch.train.loop``."""
+
+    class CtrlCAtCheck(GracefulInterrupt):
+        checks = 0
+
+        @property  # type: ignore[override]
+        def requested(self) -> bool:
+            CtrlCAtCheck.checks += 1
+            return CtrlCAtCheck.checks == n
+
+        @requested.setter
+        def requested(self, value: bool) -> None:
+            pass
+
+    return CtrlCAtCheck

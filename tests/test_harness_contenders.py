@@ -20,7 +20,7 @@ from bigbatch.train.evaluate import evaluate
 from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.loop import TrainingRun
 from bigbatch.train.optimizers import OPTIMIZERS, capabilities
-from tests.harness_data import synthetic_dataset
+from tests.harness_data import ctrl_c_at_check, synthetic_dataset
 
 BASE = [
     "data.validation_size=128",
@@ -52,19 +52,7 @@ def test_contender_trains_and_resumes_exactly(
     assert losses[-1] < 0.8 * losses[0], losses
 
     # a run stopped after step 7 (as by Ctrl-C) and resumed ends with the same weights
-    class StopAfterSeven(loop_module.GracefulInterrupt):
-        checks = 0
-
-        @property  # type: ignore[override]
-        def requested(self) -> bool:
-            StopAfterSeven.checks += 1
-            return StopAfterSeven.checks == 7
-
-        @requested.setter
-        def requested(self, value: bool) -> None:
-            pass
-
-    monkeypatch.setattr(loop_module, "GracefulInterrupt", StopAfterSeven)
+    monkeypatch.setattr(loop_module, "GracefulInterrupt", ctrl_c_at_check(7))
     with pytest.raises(TrainingInterrupted):
         TrainingRun(config(*opts), data, tmp_path / "split").run()
     monkeypatch.undo()

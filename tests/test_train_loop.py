@@ -19,7 +19,7 @@ from bigbatch.train.interrupt import TrainingInterrupted
 from bigbatch.train.loop import TrainingRun
 from bigbatch.train.micro_batch import activation_bytes_per_sample, auto_micro_batch
 from bigbatch.train.schedules import lr_factor_fn
-from tests.harness_data import synthetic_dataset
+from tests.harness_data import ctrl_c_at_check, synthetic_dataset
 
 BASE = [
     "data.validation_size=128",
@@ -88,19 +88,7 @@ def test_resume_equals_uninterrupted(
     whole = TrainingRun(config(*opts), data, tmp_path / "whole")
     expected = whole.run()
 
-    class StopAfterSeven(loop_module.GracefulInterrupt):
-        checks = 0
-
-        @property  # type: ignore[override]
-        def requested(self) -> bool:
-            StopAfterSeven.checks += 1
-            return StopAfterSeven.checks == 7
-
-        @requested.setter
-        def requested(self, value: bool) -> None:
-            pass
-
-    monkeypatch.setattr(loop_module, "GracefulInterrupt", StopAfterSeven)
+    monkeypatch.setattr(loop_module, "GracefulInterrupt", ctrl_c_at_check(7))
     first = TrainingRun(config(*opts), data, tmp_path / "split")
     with pytest.raises(TrainingInterrupted):
         first.run()

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import bigbatch
-from bigbatch.train import DatasetError, load_fashion_mnist
+from bigbatch.train import DatasetError, ImageDataset, load_dataset
 from bigbatch.train.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +123,13 @@ def load_splits(data_dir: Path, val_size: int, split_seed: int) -> Splits:
 
     The mean and standard deviation are those of the training part (after the hold-out).
     """
-    data = load_fashion_mnist(data_dir)
+    data = load_dataset("fashion-mnist", data_dir)
+    if not isinstance(data, ImageDataset):
+        raise DatasetError(f"{data_dir}: not Fashion-MNIST images")
+    all_x, test_x = data.train_x.float() / 255, data.test_x.float() / 255  # pixels in [0, 1]
     perm = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
-    train_x = data.train_x[train_idx]
+    train_x = all_x[train_idx]
     mean, std = train_x.mean(), train_x.std()
 
     def standardize(x: Tensor) -> Tensor:
@@ -135,9 +138,9 @@ def load_splits(data_dir: Path, val_size: int, split_seed: int) -> Splits:
     return Splits(
         standardize(train_x),
         data.train_y[train_idx],
-        standardize(data.train_x[val_idx]),
+        standardize(all_x[val_idx]),
         data.train_y[val_idx],
-        standardize(data.test_x),
+        standardize(test_x),
         data.test_y,
     )
 

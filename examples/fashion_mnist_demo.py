@@ -38,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from bigbatch import NLCG
-from bigbatch.train import DatasetError, FashionMNIST, load_fashion_mnist
+from bigbatch.train import DatasetError, ImageDataset, load_dataset
 
 # The learning-rate grids: each optimizer's best value on the real data (default settings,
 # seed 0) and its neighbours at factor 2. Both were tuned the same way and as much: the same
@@ -126,7 +126,18 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 10_000) -> flo
     return 100.0 * correct / len(x)
 
 
-def train(name: str, lr: float, data: FashionMNIST, args: argparse.Namespace) -> RunResult:
+@dataclass(frozen=True)
+class Images:
+    """Standardized float32 images ``N x 1 x 28 x 28`` and their labels."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    source: str
+
+
+def train(name: str, lr: float, data: Images, args: argparse.Namespace) -> RunResult:
     result = RunResult(name, lr)
     n = len(data.train_x)
     batch = min(args.batch_size, n)
@@ -253,19 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        data = load_fashion_mnist(args.data_dir, download=args.download)
+        loaded = load_dataset("fashion-mnist", args.data_dir, download=args.download)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Standardize with the training set's statistics (the same tensors for every run).
-    mean, std = data.train_x.mean(), data.train_x.std()
-    data = FashionMNIST(
-        (data.train_x - mean) / std,
-        data.train_y,
-        (data.test_x - mean) / std,
-        data.test_y,
-        data.source,
-    )
+    assert isinstance(loaded, ImageDataset)
+    # Pixels in [0, 1], standardized with the training set's statistics (the same for all).
+    train_x, test_x = loaded.train_x.float() / 255, loaded.test_x.float() / 255
+    mean, std = train_x.mean(), train_x.std()
+    data = Images((train_x - mean) / std, loaded.train_y, (test_x - mean) / std, loaded.test_y,
+                  loaded.source)  # fmt: skip
     steps = len(data.train_x) // min(args.batch_size, len(data.train_x))
     print(
         f"Fashion-MNIST from {data.source}: {len(data.train_x)} train / {len(data.test_x)} test"

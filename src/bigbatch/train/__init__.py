@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from bigbatch.train.config import Config, ConfigError, load_config
 from bigbatch.train.data import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
-from bigbatch.train.fashion_mnist import FashionMNIST, load_fashion_mnist
 
 __all__ = [
     "DATASET_NAMES",
     "Config",
     "ConfigError",
     "DatasetError",
-    "FashionMNIST",
     "ImageDataset",
     "load_config",
     "load_dataset",
-    "load_fashion_mnist",
 ]

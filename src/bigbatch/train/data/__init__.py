@@ -14,7 +14,6 @@ Names: :data:`DATASET_NAMES`. One module per job:
 - :mod:`~bigbatch.train.data.text`: any UTF-8 text, character level, fixed splits;
 - :mod:`~bigbatch.train.data.cache`: the decoded-array cache;
 - :mod:`~bigbatch.train.data.registry`: :func:`load_dataset`;
-- :mod:`~bigbatch.train.data.fashion_mnist`: the older float32 ``load_fashion_mnist``.
 """
 
 from __future__ import annotations

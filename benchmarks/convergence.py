@@ -1,27 +1,33 @@
-"""Benchmarks B2, B3 and B5: accuracy and steps to target at large batch, tuned fairly.
+"""Benchmarks B2, B3 and B5 and issue 14's study: accuracy, steps and seconds to target
+across batch sizes, every contender tuned the same way.
 
-Every contender (momentum SGD, LARS, LAMB, Adam, NLCG with each preconditioner, SP-NGD with
-the empirical and the Monte Carlo Fisher) is trained by the harness
+Every contender (momentum SGD, LARS, LAMB, Adam(W), SOAP, Shampoo, PSGD Kron, Muon,
+Schedule-Free AdamW, NLCG with each preconditioner, SP-NGD) is trained by the harness
 (:func:`bigbatch.train.experiments.run_grid`, the loop ``bigbatch compare`` uses) on the
-same data, model, epoch budget, schedule (linear warm-up of one epoch, then cosine to 0),
-weight decay and evaluation points, at each batch size. The protocol is the same for all:
+same data, model, epoch budget, schedule (linear warm-up, then cosine to 0), weight decay
+and evaluation points, at each batch size. The protocol is the same for all:
 
-- a 3-point learning-rate grid, factor 2 apart, around each contender's centre; the centre is
-  given at batch 8192 and moved to each batch size by sqrt(B / 8192), for every contender;
-- seed 0 runs the whole grid; the learning rate with the best last *validation* accuracy
-  (images held out of the training set) is chosen; every other seed runs at that lr;
-- reported: final test top-1 over the seeds (mean, min, max), the steps to the task's
-  target test accuracy per seed, and whether the chosen lr was at the grid's edge.
+- a learning-rate grid, factor 2 apart, around each contender's centre (given at the
+  task's reference batch and moved to each batch size by sqrt(B / reference)), extended
+  past an edge while the best is there, up to the budget's trial bound
+  (:func:`bigbatch.train.tuning.search_lr`);
+- seed 0 runs the search; the lr with the best last *validation* accuracy (data held out of
+  the training set) is chosen; every other seed runs at that lr;
+- reported: the final test metric over the seeds (mean, min, max), steps and training
+  seconds to the task's targets per seed, the step time, the load average, whether the
+  chosen lr is at an edge of what was tried, and each contender's critical batch size.
 
-Tasks: ``fashion-mnist-cnn`` and ``fashion-mnist-mlp`` (B2/B5, CPU) and
-``cifar10-resnet20`` (B3: CIFAR-10 (JPEG), ResNet-20, batch 4K-16K, meant for a GPU; the
-``tiny`` budget runs it on a CPU in seconds on a slice of the data, to show it works).
-Budgets: ``quick`` (one seed, one lr, 2 epochs: a check in minutes), ``full`` (the
-protocol above). Finished runs are kept under ``--out`` and reused on the next call, so an
-interrupted background run continues where it stopped.
+Tasks: ``fashion-mnist-cnn`` and ``fashion-mnist-mlp`` (CPU); ``kjv-gpt`` (the
+character-level transformer LM on the KJV text, batch sizes in windows of 64 characters,
+target on test token accuracy); ``cifar10-resnet20`` (B3, meant for a GPU; ``tiny`` runs it
+on a CPU in seconds on a slice). Budgets: ``quick``, ``full``, ``study`` (issue 14: batch
+sizes 16x apart, extending search, 3 seeds) and ``study-quick`` (the study's pipeline in
+minutes). Finished runs are kept under ``--out`` and reused on the next call, so an
+interrupted background run continues where it stopped; a study split by ``--contenders``
+and ``--tag`` is put together with ``--merge``.
 
 Run from the project's root (``python benchmarks/convergence.py --help``); results go to
-``<results>/convergence_<task>.{json,md}`` and ``_accuracy.png``/``_scaling.png`` beside them.
+``<results>/convergence_<task>[_<budget>][_<tag>].{json,md}`` with PNGs beside them.
 """
 
 from __future__ import annotations
@@ -46,10 +52,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from bigbatch.train.batches import prepare_splits
+from bigbatch.train.batches import Split, prepare_splits, prepare_text
 from bigbatch.train.config import Config, config_from_mapping
 from bigbatch.train.critical_batch import critical_batch_size
-from bigbatch.train.data import ImageDataset, load_dataset
+from bigbatch.train.data import Dataset, ImageDataset, TextDataset, load_dataset
 from bigbatch.train.experiments import run_grid
 from bigbatch.train.malloc_tuning import tune_malloc
 from bigbatch.train.plots import plot_scaling
@@ -153,6 +159,32 @@ class Task:
     budgets: dict[str, Budget] = field(default_factory=dict)
     #: lower targets also reported (16K batches at this budget miss the main one)
     extra_targets: tuple[float, ...] = ()
+    #: the batch the contenders' lr centres are given at (moved by sqrt(B / this))
+    reference_batch: int = REFERENCE_BATCH
+    #: the model's options (width; depth and heads for gpt)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    #: text: characters per window (0 for images)
+    context: int = 0
+    #: text: the file inside --data-dir (--data-dir may also be the file itself)
+    data_file: str | None = None
+    #: text: validation and test windows kept (the first ones of each part); None = all
+    eval_windows: int | None = None
+    warmup_epochs: float = 1.0
+    #: None: the harness's default (5e-4 on weights)
+    weight_decay: float | None = None
+    #: contenders whose options or centres differ on this task (same labels)
+    contenders: dict[str, Contender] = field(default_factory=dict)
+
+    @property
+    def is_text(self) -> bool:
+        return self.data == "text"
+
+    @property
+    def metric(self) -> str:
+        return "test token accuracy" if self.is_text else "test top-1"
+
+    def contender(self, label: str) -> Contender:
+        return self.contenders.get(label) or CONTENDERS[label]
 
 
 _FMNIST_BUDGETS = {
@@ -176,7 +208,70 @@ _FMNIST_BUDGETS = {
         contenders=("momentum", "sfadamw", "spngd-emp"),
     ),
 }
+_LM_PROBE = "lm.py's 60-step probe at batch 512 (benchmarks/results/lm_kjv.json)"
+_LM_CONTENDERS = {
+    c.label: c
+    for c in (
+        Contender("adamw", "adamw", {}, 2e-3, _LM_PROBE),
+        Contender("lamb", "lamb", {}, 0.04, _LM_PROBE),
+        Contender("soap", "soap", {}, 2e-3, "AdamW's centre (not scanned)"),
+        Contender("muon", "muon", {}, 0.02, _DEFAULT),
+        Contender(
+            "spngd-emp",
+            "spngd",
+            {"fisher": "empirical", "weight_rescale": False, "damping": 1e-3},
+            0.015,
+            _LM_PROBE + "; weight rescaling off (it is for BatchNorm networks)",
+        ),
+        Contender(
+            "nlcg-kfac",
+            "nlcg",
+            {"preconditioner": "kfac", "kfac_damping": 1e-3},
+            0.015,
+            _LM_PROBE,
+        ),
+    )
+}
+#: the LM study's contenders: the best first-order peers of the CNN study and the K-FAC family
+LM_STUDY = ("adamw", "lamb", "soap", "muon", "nlcg-kfac", "spngd-emp")
+_LM_BUDGETS = {
+    # batch sizes in sequences of 64 characters, 16x apart; half an epoch of tokens each
+    "study": Budget(
+        (32, 128, 512),
+        epochs=0.5,
+        seeds=3,
+        grid_points=3,
+        max_trials=5,
+        evals_per_epoch=20,
+        contenders=LM_STUDY,
+    ),
+    # the pipeline in a minute (a check, never a figure)
+    "study-quick": Budget(
+        (16, 64),
+        epochs=0.002,
+        seeds=2,
+        grid_points=2,
+        max_trials=3,
+        evals_per_epoch=1000,
+        contenders=("adamw", "spngd-emp"),
+    ),
+}
 TASKS: dict[str, Task] = {
+    "kjv-gpt": Task(
+        "text",
+        "gpt",
+        0.35,
+        budgets=_LM_BUDGETS,
+        extra_targets=(0.30, 0.40),
+        reference_batch=512,
+        model_options={"width": 64, "depth": 2, "heads": 4},
+        context=64,
+        data_file="kjv/kjv.txt.gz",
+        eval_windows=512,
+        warmup_epochs=0.05,
+        weight_decay=0.0,
+        contenders=_LM_CONTENDERS,
+    ),
     "fashion-mnist-cnn": Task(
         "fashion-mnist", "cnn", 0.85, budgets=_FMNIST_BUDGETS, extra_targets=(0.80,)
     ),
@@ -216,9 +311,11 @@ TASKS: dict[str, Task] = {
 }
 
 
-def lr_grid(contender: Contender, batch: int, points: int) -> tuple[float, ...]:
-    """``points`` lrs factor 2 apart around the centre, moved by sqrt(batch / 8192)."""
-    centre = contender.centre * math.sqrt(batch / REFERENCE_BATCH)
+def lr_grid(
+    contender: Contender, batch: int, points: int, reference: int = REFERENCE_BATCH
+) -> tuple[float, ...]:
+    """``points`` lrs factor 2 apart around the centre, moved by sqrt(batch / reference)."""
+    centre = contender.centre * math.sqrt(batch / reference)
     offsets = [0] if points == 1 else [k - (points - 1) / 2 for k in range(points)]
     return tuple(float(f"{centre * 2.0**k:.4g}") for k in offsets)
 
@@ -237,15 +334,18 @@ def limited(dataset: ImageDataset, train: int | None, test: int | None) -> Image
 
 
 def base_config(task: Task, budget: Budget, args: argparse.Namespace) -> Config:
+    data: dict[str, Any] = {"name": task.data, "data_dir": data_location(task, args.data_dir)}
+    if task.is_text:
+        data["context"] = task.context
+    else:
+        data["validation_size"] = budget.validation_size
+    optimizer = {} if task.weight_decay is None else {"weight_decay": task.weight_decay}
     return config_from_mapping(
         {
-            "data": {
-                "name": task.data,
-                "data_dir": args.data_dir,
-                "validation_size": budget.validation_size,
-            },
-            "model": {"name": task.model},
-            "schedule": {"kind": "cosine", "warmup_epochs": 1.0},
+            "data": data,
+            "model": {"name": task.model, **task.model_options},
+            "optimizer": optimizer,
+            "schedule": {"kind": "cosine", "warmup_epochs": task.warmup_epochs},
             "recipe": task.recipe,
             "train": {
                 "epochs": budget.epochs,
@@ -258,6 +358,37 @@ def base_config(task: Task, budget: Budget, args: argparse.Namespace) -> Config:
     )
 
 
+def data_location(task: Task, data_dir: str | None) -> str | None:
+    """Images: the folder as given. Text: ``data_dir`` itself when it is a file, else the
+    task's file inside it."""
+    if not task.is_text or data_dir is None or Path(data_dir).is_file():
+        return data_dir
+    assert task.data_file is not None
+    return str(Path(data_dir) / task.data_file)
+
+
+def load_splits(
+    task: Task, budget: Budget, cfg: Config, args: argparse.Namespace, device: torch.device
+) -> tuple[Dataset, Any, Callable[[int], int]]:
+    """The dataset, its (train, validation, test) splits and steps per epoch by batch size
+    (text: one pass over the training characters in windows of ``context``)."""
+    loaded = load_dataset(task.data, cfg.data.data_dir, cache_dir=args.cache_dir)
+    if task.is_text:
+        if not isinstance(loaded, TextDataset):
+            raise SystemExit(f"{task.data} is not a text dataset")
+        train, val, test = prepare_text(loaded, task.context, device)
+        keep = task.eval_windows
+        splits = (train, Split(val.x[:keep], val.y[:keep]), Split(test.x[:keep], test.y[:keep]))
+        chars = int(loaded.part("train").numel())
+        return loaded, splits, lambda b: max(1, chars // (b * task.context))
+    if not isinstance(loaded, ImageDataset):
+        raise SystemExit(f"{task.data} is not an image dataset")
+    dataset = limited(loaded, budget.train_limit, budget.test_limit)
+    image_splits = prepare_splits(dataset, cfg.data.validation_size, device)
+    n_train = int(image_splits[0].y.shape[0])
+    return dataset, image_splits, lambda b: steps_per_epoch(n_train, b)
+
+
 def steps_per_epoch(n_train: int, batch: int) -> int:
     return max(1, n_train // batch)
 
@@ -268,17 +399,17 @@ def _say(prefix: str, line: str) -> None:
 
 def run_contender(
     cfg: Config,
-    dataset: ImageDataset,
+    dataset: Dataset,
     splits: Any,
     out: Path,
     contender: Contender,
     batch: int,
     budget: Budget,
     task: Task,
+    epoch_steps: Callable[[int], int],
 ) -> dict[str, Any]:
     """Seed 0 over the lr search, the other seeds at the chosen lr; a JSON-ready summary."""
-    n_train = int(splits[0].y.shape[0])
-    every = max(1, steps_per_epoch(n_train, batch) // budget.evals_per_epoch)
+    every = max(1, epoch_steps(batch) // budget.evals_per_epoch)
     cfg = cfg.model_copy(
         update={
             "train": cfg.train.model_copy(update={"eval_every": every}),
@@ -291,7 +422,7 @@ def run_contender(
             ),
         }
     )
-    grid = lr_grid(contender, batch, budget.grid_points)
+    grid = lr_grid(contender, batch, budget.grid_points, task.reference_batch)
     load_before = os.getloadavg()[0]
     choice = run_grid(
         cfg,
@@ -314,6 +445,7 @@ def run_contender(
         cfg,
         task.extra_targets,
         bound_hit=choice.bound_hit,
+        reference_batch=task.reference_batch,
     )
     row["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     return row
@@ -345,6 +477,7 @@ def summarise(
     extra_targets: Sequence[float] = (),
     *,
     bound_hit: str | None = None,
+    reference_batch: int = REFERENCE_BATCH,
 ) -> dict[str, Any]:
     """One (contender, batch) cell: the lr search, the chosen lr, every seed at it, the
     spread, steps and training seconds to the target, the mean step time."""
@@ -355,7 +488,8 @@ def summarise(
         "contender": contender.label,
         "optimizer": contender.optimizer,
         "options": contender.options,
-        "centre_at_8192": contender.centre,
+        "centre_at_8192": contender.centre,  # at reference_batch (the key predates it)
+        "reference_batch": reference_batch,
         "centre_origin": contender.origin,
         "batch_size": batch,
         "eval_every_steps": cfg.train.eval_every,
@@ -403,6 +537,8 @@ def _accuracy_cell(r: dict[str, Any]) -> str:
     else:
         text = f"{_pct(acc['mean'])} ({_pct(acc['min'])}-{_pct(acc['max'])})"
     text += f" lr {r['chosen_lr']:g}" + ("*" if r["chosen_at_edge"] else "")
+    if r.get("bound_hit"):
+        text += f" (bound hit, {r['bound_hit']})"
     if r.get("grid_diverged"):
         text += f", {r['grid_diverged']}/{len(r['grid'])} lrs div"
     if r.get("seeds_diverged"):
@@ -429,6 +565,8 @@ def _time_cell(r: dict[str, Any]) -> str:
     seconds = _median(r.get("seconds_to_target", []))
     step = [v for v in r.get("step_ms", []) if v is not None]
     step_text = f"{statistics.median(step):.0f} ms/step" if step else "-"
+    load = r.get("load_average_1min", {}).get("before")
+    step_text += "" if load is None else f", load {load:.1f}"
     return f"{'-' if seconds is None else f'{seconds:.0f} s'} ({step_text})"
 
 
@@ -451,17 +589,27 @@ def _grid_table(
 
 def markdown(results: dict[str, Any]) -> str:
     ctx, rows, target = results["context"], results["results"], results["target_accuracy"]
+    metric = results.get("metric", "test top-1")
     batches = sorted({r["batch_size"] for r in rows})
     labels = list(dict.fromkeys(r["contender"] for r in rows))
     cell = {(r["contender"], r["batch_size"]): r for r in rows}
     lines = [f"# {ctx['title']}", ""]
-    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine")]
+    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine", "parts")]
     m = ctx["machine"]
     lines += [f"- machine: {m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch']}"]
+    parts = ctx.get("parts", [])
+    if parts:
+        lines += ["", "Run in parts, one invocation each, on the same machine:", ""]
+        lines += ["| part | date | wall (s) | command |", "|---|---|---|---|"]
+        lines += [
+            f"| {p['file']} | {p['date']} | {p['wall_s']:.0f} | `{p['command']}` |" for p in parts
+        ]
     lines += [
         "",
-        "Final test top-1 (%), mean over the seeds (min-max) at the chosen lr; "
-        "`*` = the chosen lr is at the grid's edge; `k/n lrs div` = grid runs (seed 0) that "
+        f"Final {metric} (%), mean over the seeds (min-max) at the chosen lr; "
+        "`*` = the chosen lr is at an edge of the lrs tried; `(bound hit, high/low)` = the "
+        "search stopped at its trial bound with the best at that edge, so a better lr may lie "
+        "beyond; `k/n lrs div` = grid runs (seed 0) that "
         "diverged; `k/n seeds div` = seeds that diverged at the chosen lr (left out of the "
         "mean).",
         "",
@@ -471,7 +619,7 @@ def markdown(results: dict[str, Any]) -> str:
     for key in keys:
         lines += [
             "",
-            f"Steps to {100 * float(key):g}% test top-1 per seed at the chosen lr (`-` = not "
+            f"Steps to {100 * float(key):g}% {metric} per seed at the chosen lr (`-` = not "
             "reached within the budget, `div` = diverged); the test set is evaluated every N "
             "steps (in brackets), so a count is the first evaluation at or above the target:",
             "",
@@ -484,8 +632,14 @@ def markdown(results: dict[str, Any]) -> str:
         else [
             "",
             "Median training seconds to the target over the seeds (evaluation excluded; `-` = a "
-            "seed missed it) and the mean step time in ms, measured in the same invocation on the "
-            "same machine, contenders run back to back:",
+            "seed missed it), the mean step time in ms and the 1-minute load average when the "
+            "cell started, "
+            + (
+                "each part in its own invocation on the same machine (compare loads):"
+                if parts
+                else "measured in the same invocation on the same machine, contenders run "
+                "back to back:"
+            ),
             "",
             *_grid_table(labels, batches, cell, _time_cell),
         ]
@@ -493,7 +647,7 @@ def markdown(results: dict[str, Any]) -> str:
     for key, critical in results.get("critical_batch", {}).items():
         lines += [
             "",
-            f"Critical batch size for {100 * float(key):g}% test top-1 (where the mean steps to "
+            f"Critical batch size for {100 * float(key):g}% {metric} (where the mean steps to "
             "it exceed perfect linear scaling from the smallest batch by 20%; `>=` = never "
             "exceeded up to the largest batch measured; `-` = the smallest batch missed it):",
             "",
@@ -507,7 +661,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "missed" if e is None else f"{e:.2f}" for e in c["excess_over_perfect"]
             )
             lines.append(f"| {label} | {text} | {excess} |")
-    lines += ["", "Learning-rate grid centres (at batch 8192; x sqrt(B/8192) per batch):", ""]
+    ref = next((r.get("reference_batch") for r in rows if r.get("reference_batch")), 8192)
+    lines += ["", f"Learning-rate grid centres (at batch {ref}; x sqrt(B/{ref}) per batch):", ""]
     lines += ["| optimizer | centre | where the centre comes from |", "|---|---|---|"]
     for label in labels:
         r = next(r for r in rows if r["contender"] == label)
@@ -577,7 +732,7 @@ def plot_sensitivity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
         ax.set_xlabel("learning rate")
         ax.set_title(f"batch {batch}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation top-1 (%)")
+    axes[0].set_ylabel("final validation accuracy (%)")
     axes[-1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"sensitivity to the learning rate: {title}", fontsize=9)
     fig.tight_layout()
@@ -587,7 +742,11 @@ def plot_sensitivity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
 
 
 def plot_time_to_target(
-    rows: Sequence[dict[str, Any]], path: Path, target: float, title: str
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    target: float,
+    title: str,
+    metric: str = "test top-1",
 ) -> Path:
     """Median training seconds to the target against batch size (missing: not reached)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -603,7 +762,7 @@ def plot_time_to_target(
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
-    ax.set_ylabel(f"training seconds to {100 * target:g}% test top-1 (median over seeds)")
+    ax.set_ylabel(f"training seconds to {100 * target:g}% {metric} (median over seeds)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -613,7 +772,9 @@ def plot_time_to_target(
     return path
 
 
-def plot_accuracy_vs_batch(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+def plot_accuracy_vs_batch(
+    rows: Sequence[dict[str, Any]], path: Path, title: str, metric: str = "test top-1"
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label in dict.fromkeys(r["contender"] for r in rows):
         pts = [
@@ -630,7 +791,7 @@ def plot_accuracy_vs_batch(rows: Sequence[dict[str, Any]], path: Path, title: st
         ax.errorbar(xs, mean, yerr=[low, high], marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("final test top-1 (%)")
+    ax.set_ylabel(f"final {metric} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -646,6 +807,81 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
+def _targets(results: dict[str, Any]) -> list[float]:
+    return [results["target_accuracy"], *results.get("extra_targets", [])]
+
+
+def write_outputs(results: dict[str, Any], stem: Path) -> None:
+    """``results`` (critical batch sizes added) as ``stem``.json/.md and its plots."""
+    rows, title = results["results"], results["context"]["title"]
+    metric = results.get("metric", "test top-1")
+    results["critical_batch"] = {
+        f"{t:g}": critical_batches(rows, f"{t:g}") for t in _targets(results)
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    stem.with_suffix(".md").write_text(table)
+    plot_accuracy_vs_batch(rows, stem.parent / f"{stem.name}_accuracy.png", title, metric)
+    for t in _targets(results):
+        suffix = "" if t == results["target_accuracy"] else f"_{round(100 * t)}"
+        plot_scaling(
+            scaling_curves(rows, f"{t:g}"),
+            stem.parent / f"{stem.name}_scaling{suffix}.png",
+            target=t,
+            title=f"steps to {100 * t:g}% {metric}, {results['context']['dataset']}",
+        )
+    plot_sensitivity(rows, stem.parent / f"{stem.name}_sensitivity.png", title)
+    plot_time_to_target(
+        rows, stem.parent / f"{stem.name}_time.png", results["target_accuracy"], title, metric
+    )
+    print(table)
+
+
+def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
+    """One study from the results files of its parts (same task, budget and batch sizes,
+    each part some contenders): rows in the parts' order by batch size, critical batch sizes
+    recomputed, every part's command, date, machine and wall time kept."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    first = loaded[0]
+    for path, data in zip(parts, loaded, strict=True):
+        for key in ("target_accuracy", "metric", "extra_targets"):
+            if data.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} {data.get(key)!r} differs from {parts[0]}")
+        for key in ("dataset", "model", "budget", "epochs", "seeds", "grid", "schedule"):
+            if data["context"].get(key) != first["context"].get(key):
+                raise SystemExit(f"{path}: context.{key} differs from {parts[0]}")
+    labels = [r["contender"] for d in loaded for r in d["results"]]
+    if len(set(labels)) * len({r["batch_size"] for d in loaded for r in d["results"]}) != len(
+        labels
+    ):
+        raise SystemExit("the parts overlap: a contender appears in more than one part")
+    rows = sorted(
+        (r for d in loaded for r in d["results"]),
+        key=lambda r: (r["batch_size"], labels.index(r["contender"])),
+    )
+    context = {
+        k: v for k, v in first["context"].items() if not k.startswith(("command", "date", "wall"))
+    }
+    context["title"] = first["context"]["title"] + " (all parts)"
+    context["parts"] = [
+        {
+            "file": p.name,
+            "command": d["context"]["command"],
+            "date": d["context"]["date"],
+            "wall_s": next(v for k, v in d["context"].items() if k.startswith("wall_s")),
+        }
+        for p, d in zip(parts, loaded, strict=True)
+    ]
+    context["command"] = "python benchmarks/convergence.py --merge " + " ".join(
+        str(p) for p in parts
+    )
+    merged = {k: v for k, v in first.items() if k not in ("context", "results")}
+    merged |= {"context": context, "results": rows}
+    write_outputs(merged, stem)
+    return merged
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default="fashion-mnist-cnn")
@@ -657,6 +893,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/convergence"), help="run folders")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="PART",
+        help="combine the results files of a split study's parts (written as --task and "
+        "--budget's file with --tag, default no tag) instead of training",
+    )
     p.add_argument(
         "--tag",
         default=None,
@@ -671,22 +916,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    budget_tag = "" if args.budget == "full" else f"_{args.budget}"
+    if args.merge:
+        tag = f"_{args.tag}" if args.tag else ""
+        stem = args.results / f"convergence_{args.task}{budget_tag}{tag}"
+        merge_parts(args.merge, stem)
+        print(f"written: {stem}.json/.md and PNGs")
+        return 0
     tune_malloc()
     task, budget = TASKS[args.task], TASKS[args.task].budgets[args.budget]
     if args.batch_sizes:
         budget = replace(budget, batch_sizes=tuple(args.batch_sizes))
-    contenders = [CONTENDERS[c] for c in (args.contenders or budget.contenders or CONTENDERS)]
+    contenders = [task.contender(c) for c in (args.contenders or budget.contenders or CONTENDERS)]
     cfg = base_config(task, budget, args)
-    loaded = load_dataset(task.data, args.data_dir, cache_dir=args.cache_dir)
-    if not isinstance(loaded, ImageDataset):
-        raise SystemExit(f"{task.data} is not an image dataset")
-    dataset = limited(loaded, budget.train_limit, budget.test_limit)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    splits = prepare_splits(dataset, cfg.data.validation_size, device)
+    dataset, splits, epoch_steps = load_splits(task, budget, cfg, args, device)
     out = args.out / f"{args.task}-{args.budget}"
     started = time.perf_counter()
     rows = [
-        run_contender(cfg, dataset, splits, out, c, batch, budget, task)
+        run_contender(cfg, dataset, splits, out, c, batch, budget, task, epoch_steps)
         for batch in budget.batch_sizes
         for c in contenders
     ]
@@ -697,6 +945,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({budget.epochs:g} epochs)"
     )
     command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    n_val = int(splits[1].y.shape[0]) if splits[1] is not None else 0
+    unit = f"windows of {task.context} characters" if task.is_text else "images"
+    train_size = (
+        {"train_characters": int(dataset.part("train").numel())}
+        if isinstance(dataset, TextDataset)
+        else {"train_images": int(splits[0].y.shape[0])}
+    )
+    decay = "5e-4 on weights" if task.weight_decay is None else f"{task.weight_decay:g}"
     results = {
         "context": {
             "title": title,
@@ -706,55 +962,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": _device_name(device),
             "dataset": dataset.display_name,
             **({"data_note": dataset.notes} if dataset.notes else {}),
-            "model": task.model,
+            "model": task.model + (f" {task.model_options}" if task.model_options else ""),
             "recipe": task.recipe or "none",
             "budget": args.budget,
             "epochs": budget.epochs,
             "seeds": budget.seeds,
-            "grid": f"{budget.grid_points} lrs factor 2 apart around each centre x sqrt(B/8192)"
+            "grid": f"{budget.grid_points} lrs factor 2 apart around each centre x "
+            f"sqrt(B/{task.reference_batch})"
             + (
                 f", extended by factor 2 past an edge while the best is there, at most "
                 f"{budget.max_trials} trials"
                 if budget.max_trials > budget.grid_points
                 else ""
             ),
-            "schedule": "1 epoch linear warm-up, cosine to 0; weight decay 5e-4 on weights",
-            "selection": "lr by last validation accuracy of seed 0 "
-            f"({int(splits[1].y.shape[0]) if splits[1] is not None else 0} held-out images)",
-            "train_images": int(splits[0].y.shape[0]),
-            "test_images": int(splits[2].y.shape[0]),
-            "steps_per_epoch": {
-                b: steps_per_epoch(int(splits[0].y.shape[0]), b) for b in budget.batch_sizes
-            },
+            "schedule": f"{task.warmup_epochs:g} epoch linear warm-up, cosine to 0; "
+            f"weight decay {decay}",
+            "selection": f"lr by last validation accuracy of seed 0 ({n_val} held-out {unit})",
+            **train_size,
+            f"test_{'windows' if task.is_text else 'images'}": int(splits[2].y.shape[0]),
+            "steps_per_epoch": {b: epoch_steps(b) for b in budget.batch_sizes},
             "wall_s (this invocation; reused runs cost nothing)": round(wall, 1),
         },
+        "metric": task.metric,
         "target_accuracy": task.target,
+        "extra_targets": list(task.extra_targets),
         "results": rows,
-        "critical_batch": {
-            f"{t:g}": critical_batches(rows, f"{t:g}") for t in (task.target, *task.extra_targets)
-        },
     }
-    args.results.mkdir(parents=True, exist_ok=True)
     subset = (
         f"_{args.tag}" if args.tag else "_subset" if args.contenders or args.batch_sizes else ""
     )
-    budget_tag = "" if args.budget == "full" else f"_{args.budget}"
     stem = args.results / f"convergence_{args.task}{budget_tag}{subset}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
-    stem.with_suffix(".md").write_text(table)
-    plot_accuracy_vs_batch(rows, stem.parent / f"{stem.name}_accuracy.png", title)
-    for t in (task.target, *task.extra_targets):
-        suffix = "" if t == task.target else f"_{round(100 * t)}"
-        plot_scaling(
-            scaling_curves(rows, f"{t:g}"),
-            stem.parent / f"{stem.name}_scaling{suffix}.png",
-            target=t,
-            title=f"steps to {100 * t:g}% test top-1, {dataset.display_name}, {task.model}",
-        )
-    plot_sensitivity(rows, stem.parent / f"{stem.name}_sensitivity.png", title)
-    plot_time_to_target(rows, stem.parent / f"{stem.name}_time.png", task.target, title)
-    print(table)
+    write_outputs(results, stem)
     print(f"written: {stem}.json/.md and PNGs ({wall:.0f} s)")
     return 0
 

@@ -92,6 +92,56 @@ def test_study_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
         assert (stem.parent / (stem.name + suffix)).stat().st_size > 1000
 
 
+def test_lm_study_quick_runs_and_its_parts_merge_into_the_whole(tmp_path: Path) -> None:
+    """Workload (b) of issue 14, the character-level transformer LM on the real KJV text, at
+    its minutes budget; then the study's rows split into two part files and merged back
+    (``--merge``) give the same rows and critical batch sizes as the whole."""
+    kjv = REAL / "kjv" / "kjv.txt.gz"
+    assert kjv.is_file(), f"real data expected at {kjv}"
+    done = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), "--task", "kjv-gpt", "--budget", "study-quick",
+            "--data-dir", str(REAL), "--device", "cpu", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stem = tmp_path / "results" / "convergence_kjv-gpt_study-quick"
+    whole = json.loads(stem.with_suffix(".json").read_text())
+    assert whole["metric"] == "test token accuracy"
+    assert whole["context"]["test_windows"] == 512  # the task keeps the first 512 windows
+    assert whole["context"]["steps_per_epoch"] == {
+        "16": whole["context"]["train_characters"] // (16 * 64),
+        "64": whole["context"]["train_characters"] // (64 * 64),
+    }
+    rows = whole["results"]
+    assert [(r["contender"], r["batch_size"]) for r in rows] == [
+        ("adamw", 16), ("spngd-emp", 16), ("adamw", 64), ("spngd-emp", 64)
+    ]  # fmt: skip
+    for row in rows:
+        assert row["reference_batch"] == 512
+        assert 2 <= len(row["trials"]) <= 3
+        assert [s["lr"] for s in row["seeds"]] == [row["chosen_lr"]] * 2
+        assert row["options"].get("weight_rescale", False) is False  # the LM's options
+        assert 0.0 < row["final_test_acc"]["mean"] < 1.0
+    assert "test token accuracy" in stem.with_suffix(".md").read_text()
+
+    parts = []
+    for label in ("adamw", "spngd-emp"):
+        part = dict(whole, results=[r for r in rows if r["contender"] == label])
+        parts.append(tmp_path / f"part-{label}.json")
+        parts[-1].write_text(json.dumps(part))
+    conv = _grid_module()
+    merged = conv.merge_parts(parts, tmp_path / "merged" / "study")
+    assert merged["results"] == rows
+    assert merged["critical_batch"] == whole["critical_batch"]
+    assert [p["file"] for p in merged["context"]["parts"]] == [p.name for p in parts]
+    assert (tmp_path / "merged" / "study_sensitivity.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="overlap"):
+        conv.merge_parts([parts[0], parts[0]], tmp_path / "merged" / "again")
+
+
 def _grid_module():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(SCRIPT.parent))
     try:

@@ -808,7 +808,13 @@ def _device_name(device: torch.device) -> str:
 
 
 def _targets(results: dict[str, Any]) -> list[float]:
-    return [results["target_accuracy"], *results.get("extra_targets", [])]
+    """The task's target, then the lower ones also reported (files written before
+    ``extra_targets`` was recorded: the targets the rows have steps for)."""
+    main = results["target_accuracy"]
+    if "extra_targets" in results:
+        return [main, *results["extra_targets"]]
+    keys = results["results"][0].get("steps_to", {}) if results["results"] else {}
+    return [main, *(float(k) for k in keys if float(k) != main)]
 
 
 def write_outputs(results: dict[str, Any], stem: Path) -> None:

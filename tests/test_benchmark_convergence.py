@@ -133,7 +133,8 @@ def test_lm_study_quick_runs_and_its_parts_merge_into_the_whole(tmp_path: Path) 
         parts.append(tmp_path / f"part-{label}.json")
         parts[-1].write_text(json.dumps(part))
     conv = _grid_module()
-    merged = conv.merge_parts(parts, tmp_path / "merged" / "study")
+    conv.merge_parts(parts, tmp_path / "merged" / "study")
+    merged = json.loads((tmp_path / "merged" / "study.json").read_text())
     assert merged["results"] == rows
     assert merged["critical_batch"] == whole["critical_batch"]
     assert [p["file"] for p in merged["context"]["parts"]] == [p.name for p in parts]

@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,7 @@ from bigbatch.train.plots import plot_scaling
 from bigbatch.train.results import RunResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bigbatch.train.machine import machine_info
+from common import load_average, machine, utc_now, write_results
 
 REFERENCE_BATCH = 8192
 
@@ -423,7 +421,7 @@ def run_contender(
         }
     )
     grid = lr_grid(contender, batch, budget.grid_points, task.reference_batch)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     choice = run_grid(
         cfg,
         dataset,
@@ -447,7 +445,7 @@ def run_contender(
         bound_hit=choice.bound_hit,
         reference_batch=task.reference_batch,
     )
-    row["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    row["load_average_1min"] = {"before": load_before, "after": load_average()}
     return row
 
 
@@ -825,7 +823,7 @@ def write_outputs(results: dict[str, Any], stem: Path) -> None:
         f"{t:g}": critical_batches(rows, f"{t:g}") for t in _targets(results)
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(stem.with_suffix(".json"), results, indent=1)
     table = markdown(results)
     stem.with_suffix(".md").write_text(table)
     plot_accuracy_vs_batch(rows, stem.parent / f"{stem.name}_accuracy.png", title, metric)
@@ -963,8 +961,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "context": {
             "title": title,
             "command": command,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine_info(torch.get_num_threads()),
+            "date": utc_now(),
+            "machine": machine(torch.get_num_threads()),
             "device": _device_name(device),
             "dataset": dataset.display_name,
             **({"data_note": dataset.notes} if dataset.notes else {}),

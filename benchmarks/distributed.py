@@ -42,14 +42,12 @@ Results go to ``benchmarks/results/distributed.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +63,7 @@ from bigbatch.train.data import load_dataset
 from bigbatch.train.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bigbatch.train.machine import machine_info
+import common
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed.json"
 SETTINGS: dict[str, tuple[str, bool]] = {
@@ -199,7 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info(1)
+    machine = common.machine(1)
     print(
         f"B4 distributed | {machine['cpu_model']} | {machine['cpus_available']} CPUs | "
         f"torch {machine['torch']} | {args.model} width {args.width} | batch "
@@ -250,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "benchmark": "B4 distributed",
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": common.utc_iso(),
         "machine": machine,
         "config": {
             "model": args.model,
@@ -267,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pass": all(verdicts) if verdicts else None,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_results(args.out, report, indent=2)
     print(f"wrote {args.out}")
     return 0
 

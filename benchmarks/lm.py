@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from bigbatch.train.results import RunResult
 from bigbatch.train.tuning import search_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bigbatch.train.machine import machine_info
+from common import machine, utc_now, write_results
 
 
 @dataclass(frozen=True)
@@ -247,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["rows"][label]["cost_ratio_to_adamw"] = None if base is None else cost / base
     info = {
         "command": "python benchmarks/lm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "wall_s": round(time.time() - started, 1),
-        "machine": machine_info(args.threads),
+        "machine": machine(args.threads),
         "data": {"source": dataset.source, "md5": dataset.md5, "notes": dataset.notes},
         "setup": {
             k: getattr(args, k)
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = {"info": info, "summary": summary, "contenders": chosen}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_results(args.results / f"{args.name}.json", out, indent=1)
     table = _table(info, summary)
     (args.results / f"{args.name}.md").write_text(table)
     _plot(chosen, summary, args.results / f"{args.name}.png")

@@ -36,8 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import utc_iso, write_results
 
 KINDS = (
     "term-launcher",
@@ -193,7 +195,7 @@ def main() -> None:
     report = {
         "benchmark": "process_trials",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date_utc": utc_iso(),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -203,8 +205,7 @@ def main() -> None:
         "clean_ends": summary,
         "trials": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(args.out, report, indent=1)
     print(json.dumps(summary))
 
 

@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +61,10 @@ from torch.nn import functional as F
 
 import bigbatch
 from bigbatch.train import DatasetError, ImageDataset, load_dataset
-from bigbatch.train.machine import machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine as describe_machine
+from common import utc_iso, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "fashion-mnist"
@@ -298,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    machine = machine_info(torch.get_num_threads())
+    machine = describe_machine(torch.get_num_threads())
     print(
         f"B2 SP-NGD vs SGD margin | {machine['cpu_model']} | {machine['cpus_available']} CPUs "
         f"| torch {machine['torch']} | {machine['torch_threads']} threads"
@@ -384,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "benchmark": "B2 SP-NGD vs momentum SGD: test accuracy margin after few large-batch steps",
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": utc_iso(),
         "machine": machine,
         "settings": {
             "data_dir": str(args.data_dir),
@@ -415,8 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "margin_min_spngd_minus_max_sgd": margin,
         "wall_s": wall,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report, indent=2)
     print(f"\nwrote {args.out} (wall time {wall:.1f} s)")
     return 0
 

@@ -28,8 +28,9 @@ from torch.nn import functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import step_overhead  # noqa: E402  (make_contender, Plan: the CPU benchmark's contenders)
+import step_overhead_contenders as contenders  # noqa: E402  (the CPU benchmark's contenders)
 from bigbatch.train.models import build_model  # noqa: E402
+from common import write_results  # noqa: E402
 
 CONTENDERS = ("sgd", "adamw", "spngd-stale", "spngd-every", "nlcg-bfgs", "nlcg-kfac", "asdl")
 TARGETS = {
@@ -39,12 +40,12 @@ TARGETS = {
 }
 
 
-def _build(name: str, model: nn.Module, batch: int) -> step_overhead.Contender:
-    plan = step_overhead.Plan(warmup=0, rounds=0)
+def _build(name: str, model: nn.Module, batch: int) -> contenders.Contender:
+    plan = contenders.Plan(warmup=0, rounds=0)
     if name == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-        return step_overhead.Contender(name, model, opt, plan)
-    return step_overhead.make_contender(
+        return contenders.Contender(name, model, opt, plan)
+    return contenders.make_contender(
         "asdl-kfac-every" if name == "asdl" else name, model, plan, batch
     )
 
@@ -53,7 +54,7 @@ def _loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def _step(c: step_overhead.Contender, x: Tensor, y: Tensor, sync: Any) -> float:
+def _step(c: contenders.Contender, x: Tensor, y: Tensor, sync: Any) -> float:
     sync()
     t0 = time.perf_counter()
     if c.grad_maker is not None:
@@ -90,8 +91,8 @@ def measure(
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: dict[str, Any] = {}
     for name in names:
-        if name == "asdl" and (step_overhead.asdl is None or workload != "resnet20"):
-            rows[name] = {"skipped": "ASDL not installed" if step_overhead.asdl is None
+        if name == "asdl" and (contenders.asdl is None or workload != "resnet20"):
+            rows[name] = {"skipped": "ASDL not installed" if contenders.asdl is None
                           else "ASDL's K-FAC is measured on ResNet-20 only"}  # fmt: skip
             continue
         torch.manual_seed(0)
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "measured": targets(results),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(args.out, report, indent=1)
     print(json.dumps(report["measured"], indent=1))
     return 0
 

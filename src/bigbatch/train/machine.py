@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,38 @@ import torch
 
 import bigbatch
 
-__all__ = ["cpu_model", "git_revision", "machine_info"]
+__all__ = ["available_cpus", "cpu_model", "git_revision", "machine_info"]
 
 
-def machine_info(torch_threads: int) -> dict[str, Any]:
-    """CPU, cores available, platform, versions and git revision, for a results file."""
-    try:
-        cpus: int | None = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
+def machine_info(
+    torch_threads: int, versions: Mapping[str, str | None] | None = None
+) -> dict[str, Any]:
+    """CPU, cores available, platform, versions and git revision, for a results file.
+
+    ``versions``: more packages' versions (e.g. a peer implementation a benchmark compares
+    against), listed after bigbatch's.
+    """
     return {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_available": cpus,
+        "cpus_available": available_cpus(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch_threads,
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "bigbatch": bigbatch.__version__,
+        **(versions or {}),
         "git_revision": git_revision(),
     }
+
+
+def available_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
 
 
 def cpu_model() -> str:

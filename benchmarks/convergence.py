@@ -49,6 +49,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from cycler import cycler
 
 from bigbatch.train.batches import Split, prepare_splits, prepare_text
 from bigbatch.train.config import Config, config_from_mapping
@@ -61,6 +62,11 @@ from bigbatch.train.results import RunResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine, utc_now, write_results
+
+# 12+ contenders: ten colours, solid then dashed, so no two curves look alike
+matplotlib.rcParams["axes.prop_cycle"] = cycler(linestyle=["-", "--"]) * cycler(
+    color=plt.get_cmap("tab10").colors
+)
 
 REFERENCE_BATCH = 8192
 

@@ -59,18 +59,22 @@ def plot_scaling(
     title: str,
 ) -> Path:
     """Steps to ``target`` against batch size (log-log), with perfect linear scaling."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     reference: tuple[int, int] | None = None
     misses: list[tuple[str, list[int], Any]] = []
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour and line style per optimizer (the cycle's), reached or not
+    styles = [dict(s) for s in plt.rcParams["axes.prop_cycle"]]
     for k, (label, points) in enumerate(curves.items()):
         reached = [(b, s) for b, s in points if s is not None]
-        color = palette[k % len(palette)]  # one colour per optimizer, reached or not
+        style = styles[k % len(styles)]
+        color = style.get("color", f"C{k % 10}")
         if reached:
             xs, ys = zip(*reached, strict=True)
-            ax.plot(xs, ys, marker="o", label=label, color=color)
+            ax.plot(xs, ys, marker="o", label=label, color=color, ls=style.get("linestyle", "-"))
             if reference is None or reached[0][0] < reference[0]:
                 reference = reached[0]
+        else:
+            ax.plot([], [], marker="x", ls="none", color=color, label=f"{label} (never)")
         missed = [b for b, s in points if s is None]
         if missed:
             misses.append((label, missed, color))
@@ -82,7 +86,7 @@ def plot_scaling(
         )
     if misses:
         ax.axhline(ceiling, color="gray", lw=0.5, ls="--")
-        ax.annotate("target not reached", (0.01, ceiling), xycoords=("axes fraction", "data"),
+        ax.annotate("x: target not reached", (0.01, ceiling), xycoords=("axes fraction", "data"),
                     fontsize=7, va="bottom", color="gray")  # fmt: skip
     if reference is not None:
         b0, s0 = reference
@@ -94,7 +98,9 @@ def plot_scaling(
     ax.set_ylabel(f"steps to test accuracy {target:g}")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    # the lines only: an optimizer once, its misses shown by the x marks in its colour
+    handles = [h for h in ax.get_lines() if not str(h.get_label()).startswith("_")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -861,11 +861,10 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
         for key in ("dataset", "model", "budget", "epochs", "seeds", "grid", "schedule"):
             if data["context"].get(key) != first["context"].get(key):
                 raise SystemExit(f"{path}: context.{key} differs from {parts[0]}")
-    labels = [r["contender"] for d in loaded for r in d["results"]]
-    if len(set(labels)) * len({r["batch_size"] for d in loaded for r in d["results"]}) != len(
-        labels
-    ):
-        raise SystemExit("the parts overlap: a contender appears in more than one part")
+    cells = [(r["contender"], r["batch_size"]) for d in loaded for r in d["results"]]
+    if len(set(cells)) != len(cells):
+        raise SystemExit("the parts overlap: a (contender, batch) cell is in more than one part")
+    labels = [label for label, _ in cells]
     rows = sorted(
         (r for d in loaded for r in d["results"]),
         key=lambda r: (r["batch_size"], labels.index(r["contender"])),

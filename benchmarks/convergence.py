@@ -234,10 +234,19 @@ _LM_CONTENDERS = {
             0.015,
             _LM_PROBE,
         ),
+        # not probed on the LM: the CNN centre moved by AdamW's LM / CNN ratio (2e-3 / 3e-3)
+        *(
+            replace(
+                CONTENDERS[label],
+                centre=float(f"{CONTENDERS[label].centre * 2e-3 / 3e-3:.4g}"),
+                origin="CNN centre x AdamW's LM/CNN centre ratio (2e-3 / 3e-3; not probed)",
+            )
+            for label in ("momentum", "lars", "shampoo", "kron", "sfadamw", "nlcg-bfgs")
+        ),
     )
 }
-#: the LM study's contenders: the best first-order peers of the CNN study and the K-FAC family
-LM_STUDY = ("adamw", "lamb", "soap", "muon", "nlcg-kfac", "spngd-emp")
+#: the LM study's contenders: the CNN study's twelve
+LM_STUDY = STUDY
 _LM_BUDGETS = {
     # batch sizes in sequences of 64 characters, 16x apart; half an epoch of tokens each
     "study": Budget(

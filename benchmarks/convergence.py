@@ -572,7 +572,9 @@ def _steps_cell(r: dict[str, Any], key: str | None = None) -> str:
     return " / ".join(marks) + ("" if every is None else f" (every {every})")
 
 
-def _time_cell(r: dict[str, Any]) -> str:
+def _time_cell(r: dict[str, Any], machines: dict[str, str] | None = None) -> str:
+    """Seconds to the target, ms/step and load; ``machines``: part file -> its machine's
+    letter, shown when the parts ran on more than one machine."""
     if r["chosen_lr"] is None:
         return "diverged"
     seconds = _median(r.get("seconds_to_target", []))
@@ -580,7 +582,34 @@ def _time_cell(r: dict[str, Any]) -> str:
     step_text = f"{statistics.median(step):.0f} ms/step" if step else "-"
     load = r.get("load_average_1min", {}).get("before")
     step_text += "" if load is None else f", load {load:.1f}"
+    if machines and r.get("part") in machines:
+        step_text += f", machine {machines[r['part']]}"
     return f"{'-' if seconds is None else f'{seconds:.0f} s'} ({step_text})"
+
+
+def _retimed_cell(r: dict[str, Any], key: str) -> str:
+    """Re-timed seconds to target ``key`` (median over seeds) and the re-timed ms/step."""
+    if r["chosen_lr"] is None:
+        return "diverged"
+    timed = r.get("retimed")
+    if timed is None:
+        return "-"
+    seconds = _median(timed["seconds_to"][key])
+    step = "-" if timed["step_ms"] is None else f"{timed['step_ms']:.0f} ms/step"
+    return f"{'-' if seconds is None else f'{seconds:.1f} s'} ({step})"
+
+
+def _machine_key(m: dict[str, Any]) -> str:
+    return f"{m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch']}"
+
+
+def part_machines(ctx: dict[str, Any]) -> dict[str, str]:
+    """Part file -> a letter per distinct machine (empty when every part ran on one)."""
+    keys = {p["file"]: _machine_key(p["machine"]) for p in ctx.get("parts", []) if "machine" in p}
+    distinct = list(dict.fromkeys(keys.values()))
+    if len(distinct) < 2:
+        return {}
+    return {f: "ABCDEFGHIJ"[distinct.index(k)] for f, k in keys.items()}
 
 
 def _grid_table(
@@ -608,14 +637,29 @@ def markdown(results: dict[str, Any]) -> str:
     cell = {(r["contender"], r["batch_size"]): r for r in rows}
     lines = [f"# {ctx['title']}", ""]
     lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine", "parts")]
-    m = ctx["machine"]
-    lines += [f"- machine: {m['cpu_model']}, {m['cpus_available']} cores, torch {m['torch']}"]
     parts = ctx.get("parts", [])
+    machines = part_machines(ctx)
+    if machines:
+        letters = {
+            letter: _machine_key(p["machine"]) for p in parts if (letter := machines.get(p["file"]))
+        }
+        lines += [f"- machine {k}: {v}" for k, v in sorted(letters.items())]
+    else:
+        lines += [f"- machine: {_machine_key(ctx['machine'])}"]
     if parts:
-        lines += ["", "Run in parts, one invocation each, on the same machine:", ""]
-        lines += ["| part | date | wall (s) | command |", "|---|---|---|---|"]
+        where = (
+            f"on {len(set(machines.values()))} different machines (the machine column: "
+            "seconds compare only between parts on the same machine; see the re-timed table)"
+            if machines
+            else "on the same machine"
+        )
+        lines += ["", f"Run in parts, one invocation each, {where}:", ""]
+        lines += ["| part | date | wall (s) | machine | command |", "|---|---|---|---|---|"]
         lines += [
-            f"| {p['file']} | {p['date']} | {p['wall_s']:.0f} | `{p['command']}` |" for p in parts
+            f"| {p['file']} | {p['date']} | {p['wall_s']:.0f} | "
+            f"{machines.get(p['file'], '-' if 'machine' not in p else 'same')} | "
+            f"`{p['command']}` |"
+            for p in parts
         ]
     lines += [
         "",
@@ -648,15 +692,31 @@ def markdown(results: dict[str, Any]) -> str:
             "seed missed it), the mean step time in ms and the 1-minute load average when the "
             "cell started, "
             + (
-                "each part in its own invocation on the same machine (compare loads):"
+                "each part in its own invocation on its own machine (the machine letter; "
+                "seconds on different machines do not compare):"
+                if machines
+                else "each part in its own invocation on the same machine (compare loads):"
                 if parts
                 else "measured in the same invocation on the same machine, contenders run "
                 "back to back:"
             ),
             "",
-            *_grid_table(labels, batches, cell, _time_cell),
+            *_grid_table(labels, batches, cell, partial(_time_cell, machines=machines)),
         ]
     )
+    again = ctx.get("retimed")
+    if again is not None and any("retimed" in r for r in rows):
+        for key in keys:
+            lines += [
+                "",
+                f"Training seconds to {100 * float(key):g}% {metric}, re-timed in one "
+                f"invocation on one machine ({_machine_key(again['machine'])}, "
+                f"{again['date']}, load {_load_text(again['load_average_1min'])}; "
+                f"`{again['command']}`): {again['how']}; median over the seeds, and the "
+                "mean ms per step (`-` = a seed missed it):",
+                "",
+                *_grid_table(labels, batches, cell, partial(_retimed_cell, key=key)),
+            ]
     for key, critical in results.get("critical_batch", {}).items():
         lines += [
             "",
@@ -718,6 +778,11 @@ def critical_batches(
     return out
 
 
+def _load_text(load: dict[str, float | None]) -> str:
+    values = [v for v in (load.get("before"), load.get("after")) if v is not None]
+    return " to ".join(f"{v:.1f}" for v in values) or "unknown"
+
+
 def _median(values: Sequence[float | None]) -> float | None:
     """The median over seeds, or None when any seed missed."""
     if not values or any(v is None for v in values):
@@ -761,21 +826,27 @@ def plot_time_to_target(
     title: str,
     metric: str = "test top-1",
 ) -> Path:
-    """Median training seconds to the target against batch size (missing: not reached)."""
+    """Median training seconds to the target against batch size (missing: not reached);
+    the re-timed seconds (``retime.py``) where the rows have them."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    again = any("retimed" in r for r in rows)
+
+    def seconds(r: dict[str, Any]) -> float | None:
+        if not again:
+            return _median(r["seconds_to_target"])
+        timed = r.get("retimed")
+        return None if timed is None else _median(timed["seconds_to"][f"{target:g}"])
+
     for label in dict.fromkeys(r["contender"] for r in rows):
-        pts = [
-            (r["batch_size"], _median(r["seconds_to_target"]))
-            for r in rows
-            if r["contender"] == label
-        ]
+        pts = [(r["batch_size"], seconds(r)) for r in rows if r["contender"] == label]
         pts = [(b, t) for b, t in pts if t is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
-    ax.set_ylabel(f"training seconds to {100 * target:g}% {metric} (median over seeds)")
+    how = ", re-timed interleaved" if again else ""
+    ax.set_ylabel(f"training seconds to {100 * target:g}% {metric} (median over seeds{how})")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -875,7 +946,7 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
         raise SystemExit("the parts overlap: a (contender, batch) cell is in more than one part")
     labels = [label for label, _ in cells]
     rows = sorted(
-        (r for d in loaded for r in d["results"]),
+        (r | {"part": p.name} for p, d in zip(parts, loaded, strict=True) for r in d["results"]),
         key=lambda r: (r["batch_size"], labels.index(r["contender"])),
     )
     context = {
@@ -888,6 +959,7 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
             "command": d["context"]["command"],
             "date": d["context"]["date"],
             "wall_s": next(v for k, v in d["context"].items() if k.startswith("wall_s")),
+            "machine": d["context"]["machine"],
         }
         for p, d in zip(parts, loaded, strict=True)
     ]

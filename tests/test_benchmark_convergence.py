@@ -92,22 +92,33 @@ def test_study_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
         assert (stem.parent / (stem.name + suffix)).stat().st_size > 1000
 
 
-def test_lm_study_quick_runs_and_its_parts_merge_into_the_whole(tmp_path: Path) -> None:
-    """Workload (b) of issue 14, the character-level transformer LM on the real KJV text, at
-    its minutes budget; then the study's rows split into two part files and merged back
-    (``--merge``) give the same rows and critical batch sizes as the whole."""
+@pytest.fixture(scope="module")
+def lm_quick_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LM study at its minutes budget on the real KJV text, run once for this module;
+    the folder holding its ``runs`` and ``results`` (tests copy what they change)."""
     kjv = REAL / "kjv" / "kjv.txt.gz"
     assert kjv.is_file(), f"real data expected at {kjv}"
+    where = tmp_path_factory.mktemp("lm-quick")
     done = subprocess.run(
         [
             sys.executable, str(SCRIPT), "--task", "kjv-gpt", "--budget", "study-quick",
-            "--data-dir", str(REAL), "--device", "cpu", "--out", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results"),
+            "--data-dir", str(REAL), "--device", "cpu", "--out", str(where / "runs"),
+            "--results", str(where / "results"),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    stem = tmp_path / "results" / "convergence_kjv-gpt_study-quick"
+    return where
+
+
+def test_lm_study_quick_runs_and_its_parts_merge_into_the_whole(
+    lm_quick_study: Path, tmp_path: Path
+) -> None:
+    """Workload (b) of issue 14, the character-level transformer LM on the real KJV text, at
+    its minutes budget; then the study's rows split into two part files and merged back
+    (``--merge``) give the same rows and critical batch sizes as the whole, and the table
+    says when the parts ran on different machines."""
+    stem = lm_quick_study / "results" / "convergence_kjv-gpt_study-quick"
     whole = json.loads(stem.with_suffix(".json").read_text())
     assert whole["metric"] == "test token accuracy"
     assert whole["context"]["test_windows"] == 512  # the task keeps the first 512 windows
@@ -138,12 +149,36 @@ def test_lm_study_quick_runs_and_its_parts_merge_into_the_whole(tmp_path: Path) 
     conv = _grid_module()
     conv.merge_parts(parts, tmp_path / "merged" / "study")
     merged = json.loads((tmp_path / "merged" / "study.json").read_text())
-    assert merged["results"] == rows
+    assert [{k: v for k, v in r.items() if k != "part"} for r in merged["results"]] == rows
+    assert [r["part"] for r in merged["results"]] == [
+        "part-adamw.json", "part-spngd-emp.json", "part-adamw.json", "part-spngd-emp.json"
+    ]  # fmt: skip
     assert merged["critical_batch"] == whole["critical_batch"]
     assert [p["file"] for p in merged["context"]["parts"]] == [p.name for p in parts]
+    assert [p["machine"] for p in merged["context"]["parts"]] == [whole["context"]["machine"]] * 2
     assert (tmp_path / "merged" / "study_sensitivity.png").stat().st_size > 1000
+    table = (tmp_path / "merged" / "study.md").read_text()
+    assert "one invocation each, on the same machine:" in table
+    assert "machine A" not in table
     with pytest.raises(SystemExit, match="overlap"):
         conv.merge_parts([parts[0], parts[0]], tmp_path / "merged" / "again")
+
+    # a part from another machine: each part's letter, and its seconds said not to compare
+    other = json.loads(parts[1].read_text())
+    other["context"]["machine"] = dict(other["context"]["machine"], cpu_model="Other CPU")
+    parts[1].write_text(json.dumps(other))
+    conv.merge_parts(parts, tmp_path / "mixed" / "study")
+    table = (tmp_path / "mixed" / "study.md").read_text()
+    assert "on 2 different machines" in table
+    assert f"- machine A: {whole['context']['machine']['cpu_model']}, " in table
+    assert "- machine B: Other CPU, " in table
+    assert "| part-adamw.json |" in table
+    assert "| A | `" in table
+    assert "| B | `" in table
+    time_rows = [line for line in table.splitlines() if "ms/step" in line]
+    assert [line.startswith("| adamw |") for line in time_rows] == [True, False]
+    assert time_rows[0].count("machine A") == 2
+    assert time_rows[1].count("machine B") == 2
 
 
 def _grid_module():  # type: ignore[no-untyped-def]
@@ -209,3 +244,92 @@ def test_summary_when_every_lr_diverged() -> None:
     assert conv._accuracy_cell(row) == "all 3 lrs diverged"
     assert conv._steps_cell(row) == "diverged"
     assert conv.scaling_curves([row]) == {"lars": [(4096, None)]}
+
+
+def test_retime_times_the_studys_own_runs_interleaved(lm_quick_study: Path, tmp_path: Path) -> None:
+    """``benchmarks/retime.py`` on the quick LM study: the rows given steps to a target get
+    the training seconds after exactly those steps of the study's own seed-0 configuration
+    (same config as the study's run folder), rows that reached nothing get none, and the
+    tables and time plot are redrawn."""
+    study = json.loads(
+        (lm_quick_study / "results" / "convergence_kjv-gpt_study-quick.json").read_text()
+    )
+    rows = study["results"]
+    # the quick budget (8 steps at batch 16) reaches no target; give two rows steps to time
+    for row in rows:
+        row["steps_to"] = {k: [None] * len(v) for k, v in row["steps_to"].items()}
+    rows[0]["steps_to"]["0.35"] = [3, None]  # adamw at 16: seed 0 in 3 steps, seed 1 missed
+    rows[0]["steps_to"]["0.3"] = [2, 2]
+    rows[3]["steps_to"]["0.4"] = [1, 1]  # spngd-emp at 64
+    path = tmp_path / "convergence_kjv-gpt_study-quick.json"
+    path.write_text(json.dumps(study))
+    done = subprocess.run(
+        [
+            sys.executable, str(SCRIPT.parent / "retime.py"), "--task", "kjv-gpt",
+            "--budget", "study-quick", "--study", str(path), "--data-dir", str(REAL),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(path.read_text())
+    timed = [r.get("retimed") for r in out["results"]]
+    assert [t is not None for t in timed] == [True, False, False, True]
+    first, last = timed[0], timed[3]
+    assert first["steps_timed"] == 3
+    assert last["steps_timed"] == 1
+    assert not first["diverged"]
+    assert not last["diverged"]
+    s35, s30 = first["seconds_to"]["0.35"], first["seconds_to"]["0.3"]
+    assert s35[1] is None
+    assert s30[0] == s30[1]
+    assert 0 < s30[0] < s35[0]  # 2 steps take less than 3
+    assert first["step_ms"] == pytest.approx(1e3 * s35[0] / 3, rel=0.01)
+    assert first["seconds_to"]["0.4"] == [None, None]
+    assert last["seconds_to"]["0.4"][0] == last["seconds_to"]["0.4"][1] > 0
+    again = out["context"]["retimed"]
+    assert again["command"].startswith("python benchmarks/retime.py --task kjv-gpt")
+    assert again["rounds_per_batch"] == {"16": 3, "64": 1}
+    assert again["machine"]["cpu_model"] == study["context"]["machine"]["cpu_model"]
+    table = path.with_suffix(".md").read_text()
+    assert table.count("re-timed in one invocation on one machine") == 3  # one per target
+    assert (tmp_path / "convergence_kjv-gpt_study-quick_time.png").stat().st_size > 1000
+
+    # the re-timed run is the study's seed-0 run: the same configuration as its folder's
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import convergence
+        import retime
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    task, budget = convergence.TASKS["kjv-gpt"], convergence.TASKS["kjv-gpt"].budgets["study-quick"]
+    args = retime.parse_args(
+        ["--task", "kjv-gpt", "--budget", "study-quick", "--study", str(path),
+         "--data-dir", str(REAL)]
+    )  # fmt: skip
+    cfg = retime.cell_config(convergence.base_config(task, budget, args), rows[0])
+    run_dir = (
+        lm_quick_study / "runs" / "kjv-gpt-study-quick" / "adamw" / "b16" / "adamw"
+        / f"lr{rows[0]['chosen_lr']:g}"
+    )  # fmt: skip
+    original = json.loads((run_dir / "config.json").read_text())
+    mine = cfg.to_dict()
+    for section in ("data", "model", "optimizer", "schedule", "recipe"):
+        assert mine[section] == original[section], section
+    for key in ("batch_size", "seed", "epochs"):
+        assert mine["train"][key] == original["train"][key], key
+
+
+def test_retime_refuses_a_missing_study_or_another_budget(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import retime
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    with pytest.raises(SystemExit):
+        retime.parse_args(["--task", "kjv-gpt", "--budget", "study", "--study", "nope.json"])
+    with pytest.raises(SystemExit):
+        retime.parse_args(["--task", "kjv-gpt", "--budget", "no-such-budget"])
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"context": {"budget": "study-quick"}, "results": []}))
+    with pytest.raises(SystemExit, match="its budget is 'study-quick', not 'study'"):
+        retime.main(["--task", "kjv-gpt", "--budget", "study", "--study", str(path)])

@@ -3,6 +3,7 @@ divergence, schedules as applied, checkpoints written atomically."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -147,6 +148,45 @@ def test_divergence_stops_before_the_weights_are_touched(tmp_path: Path) -> None
     result = run.run()
     assert result.status == "diverged"
     assert result.steps < 15
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "spngd"])
+def test_advance_steps_exactly_as_run_does(optimizer: str, tmp_path: Path) -> None:
+    """``advance`` (what benchmarks/retime.py interleaves) trains the run's own steps: the
+    same weights as ``run``, its seconds in ``elapsed``, then None at the end (no files)."""
+    opts = (f"optimizer.name={optimizer}", "optimizer.lr=0.05")
+    data = synthetic_dataset()
+    whole = TrainingRun(config(*opts), data, tmp_path / "whole")
+    whole.run()
+    stepped = TrainingRun(config(*opts), data, tmp_path / "stepped")
+    losses, elapsed = [], []
+    while (loss := stepped.advance()) is not None:
+        losses.append(loss)
+        elapsed.append(stepped.elapsed)
+    assert stepped.step == whole.step == 15
+    assert len(losses) == 15
+    assert all(b > a for a, b in itertools.pairwise(elapsed))
+    assert stepped.advance() is None
+    assert stepped.step == 15
+    for a, b in zip(params(whole), params(stepped), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not (tmp_path / "stepped").exists()
+
+
+def test_advance_stops_at_a_divergence(tmp_path: Path) -> None:
+    run = TrainingRun(
+        config("optimizer.name=sgd", "optimizer.lr=1e6", "schedule.warmup_epochs=0"),
+        synthetic_dataset(),
+        tmp_path / "d",
+    )
+    steps = 0
+    while run.advance() is not None:
+        steps += 1
+    assert run.status == "diverged"
+    assert run.step == steps < 15
+    assert run.advance() is None
+    assert run.step == steps
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 

@@ -471,6 +471,21 @@ class TrainingRun:
         self.status = str(state["status"])
 
     # ------------------------------------------------------------------ the run
+    def advance(self) -> float | None:
+        """One training step (the batch, forward and backward, the optimizer step, the
+        schedule), its seconds added to ``elapsed``; the step's loss, or None when it
+        diverged or the run is at its end. No evaluation, no files: :meth:`run` calls it,
+        and benchmarks that time several runs interleaved on one machine."""
+        if self.step >= self.total_steps or self.status == "diverged":
+            return None
+        started = time.perf_counter()
+        loss = self._train_step()
+        if self.status == "diverged":
+            return None
+        self.step += 1
+        self.elapsed += time.perf_counter() - started
+        return loss
+
     def run(self, *, resume: bool = False, progress: bool | None = None) -> RunResult:
         """Train to the end (or from the checkpoint, with ``resume``); return the result.
 
@@ -509,13 +524,7 @@ class TrainingRun:
                     record = self._evaluate()
                     if log is not None:
                         log.write(record)
-                while self.step < self.total_steps and self.status != "diverged":
-                    started = time.perf_counter()
-                    loss = self._train_step()
-                    if self.status == "diverged":
-                        break
-                    self.step += 1
-                    self.elapsed += time.perf_counter() - started
+                while (loss := self.advance()) is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     if self.step % self.eval_every == 0 or self.step == self.total_steps:

@@ -28,9 +28,10 @@ install: venv
 	$(BIN)/python -m pip install --quiet -e .
 
 # curvlinops (a test oracle) needs backpack-for-pytorch, which declares torchvision: installing
-# them without dependencies keeps torchvision and a CUDA torch out.
+# them without dependencies keeps torchvision and a CUDA torch out. asdfghjkl (ASDL, the peer
+# K-FAC of the study, a benchmark extra: benchmarks/requirements-peers.txt) is tested too.
 ORACLES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 linear_operator==0.6.1 \
-	unfoldNd==0.2.3 einconv==0.1.0
+	unfoldNd==0.2.3 einconv==0.1.0 asdfghjkl==0.1a5
 
 install-test: venv
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"

@@ -115,7 +115,7 @@ class OptimizerConfig(_Section):
     """One optimizer. ``options`` go to its constructor unchanged (and are checked there)."""
 
     #: sgd, momentum, nesterov, adam, adamw, lars, lamb, soap, shampoo, kron, muon, sfadamw,
-    #: nlcg or spngd.
+    #: nlcg, spngd or asdl-kfac (ASDL's K-FAC, a benchmark extra).
     name: str = "momentum"
     #: Peak learning rate (the schedule scales it every step).
     lr: float = Field(default=0.1, gt=0)

@@ -227,7 +227,13 @@ def check_distributed(
     if world_size <= 1:
         return
     for name in optimizers:
-        optimizer_spec(name, "optimizer.name")  # an unknown name fails here already
+        spec = optimizer_spec(name, "optimizer.name")  # an unknown name fails here already
+        given = (options or {}).get(name, {})
+        if not spec.capabilities({**spec.defaults, **given}).distributed:
+            raise ConfigError(
+                f"optimizer {name!r} ({spec.label}) runs in one process only, not in a "
+                f"data-parallel job of {world_size} processes"
+            )
     for batch in batch_sizes:
         per_rank = world_size * max(micro_batch_size, 1)
         if batch % per_rank != 0:

@@ -183,6 +183,12 @@ class TrainingRun:
         self.mixup = Mixup(r.mixup_alpha, running=r.running_mixup) if r.mixup_alpha else None
         self.ema = make_ema(self.model, r.ema_decay) if r.ema_decay > 0 else None
         self.micro = self._micro_batch_size()
+        if self.caps.forward_backward is not None and self.micro < t.batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size={t.micro_batch_size}: optimizer "
+                f"{cfg.optimizer.name!r} runs its own forward and backward over the whole "
+                f"batch ({t.batch_size}); micro-batches are not supported with it"
+            )
         if self.dist.enabled:
             self._sync_from_main()
         self._interrupt: GracefulInterrupt | None = None
@@ -282,7 +288,13 @@ class TrainingRun:
         return derive_seed(self.cfg.train.seed, step, purpose)
 
     def _accumulate(self, x: Tensor, target: Tensor, batch: int) -> Tensor:
-        """Forward/backward of ``x`` in micro-batches, each weighted by ``len / batch``."""
+        """Forward/backward of ``x`` in micro-batches, each weighted by ``len / batch``
+        (an optimizer that runs its own forward and backward: the whole of ``x`` at once)."""
+        if self.caps.forward_backward is not None:
+            loss = self.caps.forward_backward(
+                self.optimizer, x, lambda logits: self._loss(logits, target)
+            )
+            return loss.detach() * (x.shape[0] / batch)
         total = torch.zeros((), device=self.device)
         for start in range(0, x.shape[0], self.micro):
             xs, ts = x[start : start + self.micro], target[start : start + self.micro]

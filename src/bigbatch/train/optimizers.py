@@ -8,7 +8,8 @@ loop has no optimizer-specific branch: NLCG's step control wants the loss
 (``step(loss=...)``), SP-NGD with ``fisher="mc"`` a Monte Carlo backward after each forward
 (:meth:`SPNGD.mc_backward`); both average their own gradients across ranks when they carry
 curvature; Schedule-Free optimizers switch to their evaluation weights (``eval()``) while
-the harness evaluates. A newcomer adds an optimizer with one :class:`OptimizerSpec`.
+the harness evaluates; ASDL's K-FAC (a benchmark extra) runs the forward and backward pass
+itself. A newcomer adds an optimizer with one :class:`OptimizerSpec`.
 
 Not here: the training loop itself, schedules (``schedules.py``).
 """
@@ -44,6 +45,7 @@ __all__ = [
 
 Builder = Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]
 AfterForward = Callable[[Optimizer, Tensor], None]
+ForwardBackward = Callable[[Optimizer, Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ class Capabilities:
     #: schedules its own learning rate (Schedule-Free: warm-up only, no decay); the
     #: harness's schedule is not applied
     own_schedule: bool = False
+    #: runs the forward and backward pass itself (ASDL's K-FAC): called as
+    #: ``forward_backward(optimizer, x, mean_loss)``, ``mean_loss(logits)`` the batch's mean
+    #: loss, it leaves the gradients in ``.grad`` and returns the loss; the whole batch at
+    #: once (no micro-batches)
+    forward_backward: ForwardBackward | None = None
+    #: can train in a data-parallel job (torchrun); False: refused there
+    distributed: bool = True
 
 
 def _plain(options: Mapping[str, Any]) -> Capabilities:
@@ -228,6 +237,18 @@ def _spngd_capabilities(options: Mapping[str, Any]) -> Capabilities:
     )
 
 
+def _asdl_kfac(model: nn.Module, lr: float, wd: float, opts: dict[str, Any]) -> Optimizer:
+    from bigbatch.train.asdl_kfac import AsdlKfac  # ASDL: an optional benchmark extra
+
+    return AsdlKfac(model, _decay_groups(model, wd), lr, **opts)
+
+
+def _asdl_capabilities(options: Mapping[str, Any]) -> Capabilities:
+    from bigbatch.train.asdl_kfac import forward_backward
+
+    return Capabilities(forward_backward=forward_backward, distributed=False)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -290,6 +311,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             # 84.8% -> 88.1% test (85.8% -> 88.7% validation)
             {"momentum": 0.9, "damping": 1e-3, "weight_rescale": True},
             capabilities=_spngd_capabilities,
+        ),
+        OptimizerSpec(
+            "asdl-kfac",
+            "K-FAC (ASDL, benchmark extra asdfghjkl)",
+            _asdl_kfac,
+            (0.005, 0.01, 0.02),
+            # SP-NGD's momentum and damping; ASDL's own interval default (every step)
+            {"momentum": 0.9, "damping": 1e-3, "interval": 1},
+            capabilities=_asdl_capabilities,
         ),
     )
 }

@@ -640,7 +640,9 @@ def markdown(results: dict[str, Any]) -> str:
     labels = list(dict.fromkeys(r["contender"] for r in rows))
     cell = {(r["contender"], r["batch_size"]): r for r in rows}
     lines = [f"# {ctx['title']}", ""]
-    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine", "parts")]
+    lines += [
+        f"- {k}: {v}" for k, v in ctx.items() if k not in ("title", "machine", "parts", "retimed")
+    ]
     parts = ctx.get("parts", [])
     machines = part_machines(ctx)
     if machines:

@@ -6,9 +6,13 @@ apart and possibly on another machine. This script re-times it: for every (conte
 batch) cell that reached a target, seed 0 is trained again at the chosen lr from step 0 (the
 same run as the study's, so the same refresh schedule) up to the most steps any seed needed
 for any target; at each batch size every such run advances one step per round, in a shuffled
-order, so all contenders share the same conditions. The training seconds (evaluation
-excluded, as in the study) after each seed's steps to each target go into the study's rows
-as ``retimed``, and its tables and time plot are redrawn.
+order, so all contenders share the same machine and load. The training seconds (evaluation
+excluded, as in the study; on a GPU each step synchronised before and after) after each
+seed's steps to each target go into the study's rows as ``retimed``, and its tables and
+time plot are redrawn. Each step starts with the caches holding another contender's state,
+which costs the smallest models most; the study's own per-part seconds stay in its tables.
+The study must have been run with the task's budget as it is now (its epochs and steps per
+epoch are checked).
 
 Run from the project's root after the merge, e.g.
 ``python benchmarks/retime.py --task kjv-gpt --budget study --data-dir ../shared/data``.
@@ -47,6 +51,7 @@ class Cell:
     row: dict[str, Any]
     run: TrainingRun
     steps: int
+    #: training seconds after each step (cumulative)
     seconds: list[float] = field(default_factory=list)
     #: the run stopped early: it diverged (``diverged``) or reached its last step
     stopped: bool = False
@@ -75,9 +80,15 @@ def cell_config(cfg: Config, row: dict[str, Any]) -> Config:
     return cfg.model_copy(update={"optimizer": optimizer, "train": train})
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleave(cells: Sequence[Cell], rng: random.Random) -> int:
     """Advance every unfinished cell one step per round, in a shuffled order (the garbage
-    collector off inside a round); the number of rounds."""
+    collector off inside a round; on a GPU synchronised around each step, so no step's
+    queued work is charged to the next contender); the number of rounds."""
     rounds = 0
     active = [c for c in cells if not c.done]
     while active:
@@ -86,10 +97,15 @@ def interleave(cells: Sequence[Cell], rng: random.Random) -> int:
         gc.disable()
         try:
             for c in active:
-                if c.run.advance() is None:
+                _sync(c.run.device)
+                started = time.perf_counter()
+                stepped = c.run.advance() is not None
+                _sync(c.run.device)
+                seconds = time.perf_counter() - started
+                if not stepped:
                     c.stopped, c.diverged = True, c.run.status == "diverged"
                 else:
-                    c.seconds.append(c.run.elapsed)
+                    c.seconds.append(seconds + (c.seconds[-1] if c.seconds else 0.0))
         finally:
             gc.enable()
         rounds += 1
@@ -103,13 +119,13 @@ def retimed(cell: Cell) -> dict[str, Any]:
     def at(steps: int | None) -> float | None:
         if steps is None or steps > len(cell.seconds):
             return None
-        return round(cell.seconds[steps - 1], 3)
+        return 0.0 if steps == 0 else round(cell.seconds[steps - 1], 4)
 
     timed = len(cell.seconds)
     return {
         "seconds_to": {k: [at(s) for s in v] for k, v in cell.row["steps_to"].items()},
         "steps_timed": timed,
-        "step_ms": round(1e3 * cell.seconds[-1] / timed, 2) if timed else None,
+        "step_ms": round(1e3 * cell.seconds[-1] / timed, 3) if timed else None,
         "diverged": cell.diverged,
     }
 
@@ -122,11 +138,12 @@ def retime(
     rng = random.Random(seed)
     started, load_before = time.perf_counter(), load_average()
     rounds: dict[int, int] = {}
+    for row in study["results"]:
+        row.pop("retimed", None)
     with tempfile.TemporaryDirectory() as scratch:
         for batch in sorted({r["batch_size"] for r in study["results"]}):
             cells = []
             for row in study["results"]:
-                row.pop("retimed", None)
                 steps = steps_needed(row) if row["chosen_lr"] is not None else 0
                 if row["batch_size"] != batch or steps == 0:
                     continue
@@ -165,12 +182,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-dir", default=None, help="where the dataset is (default: searched)")
     p.add_argument("--cache-dir", default=None, help="where decoded arrays are cached")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: the study's own (its context's device)",
+    )
     args = p.parse_args(argv)
     if args.budget not in TASKS[args.task].budgets:
         p.error(f"--budget {args.budget!r}: {args.task} has {', '.join(TASKS[args.task].budgets)}")
     if args.study is None:
-        args.study = Path("benchmarks/results") / f"convergence_{args.task}_{args.budget}.json"
+        tag = "" if args.budget == "full" else f"_{args.budget}"  # as convergence.py names it
+        args.study = Path("benchmarks/results") / f"convergence_{args.task}{tag}.json"
     if not args.study.is_file():
         p.error(f"--study {args.study}: no such file (run the study, or its --merge, first)")
     return args
@@ -184,10 +207,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"{args.study}: its budget is {study['context'].get('budget')!r}, not {args.budget!r}"
         )
+    if args.device is None:
+        own = str(study["context"].get("device", "cpu"))
+        args.device = "cuda" if own.startswith("cuda") else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if study["context"].get("epochs") != budget.epochs:
+        raise SystemExit(
+            f"{args.study}: run for {study['context'].get('epochs')} epochs, the {args.budget} "
+            f"budget is now {budget.epochs}: re-run the study, or re-time it with its own code"
+        )
     tune_malloc()
     cfg = base_config(task, budget, args)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    dataset, splits, _ = load_splits(task, budget, cfg, args, device)
+    dataset, splits, epoch_steps = load_splits(task, budget, cfg, args, torch.device(args.device))
+    for batch, steps in study["context"].get("steps_per_epoch", {}).items():
+        if epoch_steps(int(batch)) != steps:
+            raise SystemExit(
+                f"{args.study}: {steps} steps per epoch at batch {batch}, the data now gives "
+                f"{epoch_steps(int(batch))}: not the same training set"
+            )
     retime(study, cfg, dataset, splits)
     study["context"]["retimed"]["command"] = "python benchmarks/retime.py " + " ".join(
         sys.argv[1:] if argv is None else argv

@@ -9,12 +9,16 @@ for the loss *summed* over the ``data_size`` samples and divides by it; here the
 function answers that from the loop's mean loss, so the gradients are the mean loss's on
 every step and the empirical Fisher factors are means over the batch. Damping is ASDL's
 factored Tikhonov damping (split between the two Kronecker factors by the ratio of their
-mean eigenvalues); tests/test_asdl_kfac.py checks all of it against a dense float64 K-FAC.
+mean eigenvalues) on the Kronecker-factored layers (Linear, Conv2d); normalisation layers
+get ASDL's unit-wise blocks with plain damping. tests/test_asdl_kfac.py checks the Linear
+case against a dense float64 K-FAC.
 
 Limits (refused with a message, not worked around): one process (ASDL partitions the
 model over ranks itself when ``torch.distributed`` is initialised), no micro-batches (each
 forward would refresh the curvature from a part of the batch), and a checkpoint holds the
-momentum but not ASDL's curvature (a resumed run rebuilds it at its next update). ASDL is a
+momentum but not ASDL's curvature or step counter: a resumed run rebuilds the curvature at
+its first step and, with ``interval`` > 1, updates it on a shifted schedule, so it is not
+the uninterrupted run. ASDL is a
 benchmark extra: ``pip install --no-deps --pre asdfghjkl==0.1a5``.
 """
 

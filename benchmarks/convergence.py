@@ -940,10 +940,18 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
     recomputed, every part's command, date, machine and wall time kept."""
     loaded = [json.loads(p.read_text()) for p in parts]
     first = loaded[0]
+    def same(data: dict[str, Any]) -> dict[str, Any]:
+        # files written before "metric" and "extra_targets" were recorded: their defaults
+        return {
+            "target_accuracy": data["target_accuracy"],
+            "metric": data.get("metric", "test top-1"),
+            "extra_targets": sorted(_targets(data)[1:]),
+        }
+
     for path, data in zip(parts, loaded, strict=True):
-        for key in ("target_accuracy", "metric", "extra_targets"):
-            if data.get(key) != first.get(key):
-                raise SystemExit(f"{path}: {key} {data.get(key)!r} differs from {parts[0]}")
+        for key, value in same(data).items():
+            if value != same(first)[key]:
+                raise SystemExit(f"{path}: {key} {value!r} differs from {parts[0]}")
         for key in ("dataset", "model", "budget", "epochs", "seeds", "grid", "schedule"):
             if data["context"].get(key) != first["context"].get(key):
                 raise SystemExit(f"{path}: context.{key} differs from {parts[0]}")
@@ -973,7 +981,7 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
         str(p) for p in parts
     )
     merged = {k: v for k, v in first.items() if k not in ("context", "results")}
-    merged |= {"context": context, "results": rows}
+    merged |= same(first) | {"context": context, "results": rows}
     write_outputs(merged, stem)
     return merged
 

@@ -940,6 +940,7 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
     recomputed, every part's command, date, machine and wall time kept."""
     loaded = [json.loads(p.read_text()) for p in parts]
     first = loaded[0]
+
     def same(data: dict[str, Any]) -> dict[str, Any]:
         # files written before "metric" and "extra_targets" were recorded: their defaults
         return {

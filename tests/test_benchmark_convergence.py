@@ -335,5 +335,5 @@ def test_retime_refuses_a_missing_study_or_another_budget(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="its budget is 'study-quick', not 'study'"):
         retime.main(["--task", "kjv-gpt", "--budget", "study", "--study", str(path)])
     path.write_text(json.dumps({"context": {"budget": "study", "epochs": 3}, "results": []}))
-    with pytest.raises(SystemExit, match="run for 3 epochs, the study budget is now 0.5"):
+    with pytest.raises(SystemExit, match=r"run for 3 epochs, the study budget is now 0\.5"):
         retime.main(["--task", "kjv-gpt", "--budget", "study", "--study", str(path)])

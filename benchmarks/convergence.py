@@ -852,7 +852,7 @@ def plot_time_to_target(
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     how = ", re-timed interleaved" if again else ""
-    ax.set_ylabel(f"training seconds to {100 * target:g}% {metric} (median over seeds{how})")
+    ax.set_ylabel(f"training seconds to {100 * target:g}% {metric}\n(median over seeds{how})")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

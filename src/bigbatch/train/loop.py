@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -345,6 +346,9 @@ class TrainingRun:
 
     def _train_step(self) -> float:
         torch.manual_seed(self._seed(self.step, 2))
+        # optimizers that draw from NumPy's global generator (pytorch_optimizer's Kron
+        # balances its factors at random steps) repeat their run too
+        np.random.seed(self._seed(self.step, 3) % 2**32)  # noqa: NPY002 (the global one Kron uses)
         if self.dist.enabled:
             self.optimizer.zero_grad(set_to_none=True)
             total = self._distributed_gradients()

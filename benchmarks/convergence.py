@@ -2,8 +2,8 @@
 across batch sizes, every contender tuned the same way.
 
 Every contender (momentum SGD, LARS, LAMB, Adam(W), SOAP, Shampoo, PSGD Kron, Muon,
-Schedule-Free AdamW, ASDL's K-FAC, NLCG with each preconditioner, SP-NGD) is trained by the harness
-(:func:`bigbatch.train.experiments.run_grid`, the loop ``bigbatch compare`` uses) on the
+Schedule-Free AdamW, ASDL's K-FAC, NLCG with each preconditioner, SP-NGD) is trained by the
+harness (:func:`bigbatch.train.experiments.run_grid`, the loop ``bigbatch compare`` uses) on the
 same data, model, epoch budget, schedule (linear warm-up, then cosine to 0), weight decay
 and evaluation points, at each batch size. The protocol is the same for all:
 
@@ -613,7 +613,7 @@ def part_machines(ctx: dict[str, Any]) -> dict[str, str]:
     distinct = list(dict.fromkeys(keys.values()))
     if len(distinct) < 2:
         return {}
-    return {f: "ABCDEFGHIJ"[distinct.index(k)] for f, k in keys.items()}
+    return {f: chr(ord("A") + distinct.index(k)) for f, k in keys.items()}
 
 
 def _grid_table(
@@ -949,9 +949,10 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
             "extra_targets": sorted(_targets(data)[1:]),
         }
 
+    reference = same(first)
     for path, data in zip(parts, loaded, strict=True):
         for key, value in same(data).items():
-            if value != same(first)[key]:
+            if value != reference[key]:
                 raise SystemExit(f"{path}: {key} {value!r} differs from {parts[0]}")
         for key in ("dataset", "model", "budget", "epochs", "seeds", "grid", "schedule"):
             if data["context"].get(key) != first["context"].get(key):
@@ -982,7 +983,7 @@ def merge_parts(parts: Sequence[Path], stem: Path) -> dict[str, Any]:
         str(p) for p in parts
     )
     merged = {k: v for k, v in first.items() if k not in ("context", "results")}
-    merged |= same(first) | {"context": context, "results": rows}
+    merged |= reference | {"context": context, "results": rows}
     write_outputs(merged, stem)
     return merged
 

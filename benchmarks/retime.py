@@ -53,13 +53,15 @@ class Cell:
     steps: int
     #: training seconds after each step (cumulative)
     seconds: list[float] = field(default_factory=list)
-    #: the run stopped early: it diverged (``diverged``) or reached its last step
-    stopped: bool = False
-    diverged: bool = False
+
+    @property
+    def diverged(self) -> bool:
+        return self.run.status == "diverged"
 
     @property
     def done(self) -> bool:
-        return self.stopped or len(self.seconds) >= self.steps
+        run = self.run
+        return self.diverged or run.step >= run.total_steps or len(self.seconds) >= self.steps
 
 
 def steps_needed(row: dict[str, Any]) -> int:
@@ -102,9 +104,7 @@ def interleave(cells: Sequence[Cell], rng: random.Random) -> int:
                 stepped = c.run.advance() is not None
                 _sync(c.run.device)
                 seconds = time.perf_counter() - started
-                if not stepped:
-                    c.stopped, c.diverged = True, c.run.status == "diverged"
-                else:
+                if stepped:
                     c.seconds.append(seconds + (c.seconds[-1] if c.seconds else 0.0))
         finally:
             gc.enable()

@@ -18,8 +18,8 @@ model over ranks itself when ``torch.distributed`` is initialised), no micro-bat
 forward would refresh the curvature from a part of the batch), and a checkpoint holds the
 momentum but not ASDL's curvature or step counter: a resumed run rebuilds the curvature at
 its first step and, with ``interval`` > 1, updates it on a shifted schedule, so it is not
-the uninterrupted run. ASDL is a
-benchmark extra: ``pip install --no-deps --pre asdfghjkl==0.1a5``.
+the uninterrupted run. ASDL is a benchmark extra:
+``pip install --no-deps --pre asdfghjkl==0.1a5``.
 """
 
 from __future__ import annotations

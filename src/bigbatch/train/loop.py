@@ -290,12 +290,13 @@ class TrainingRun:
 
     def _accumulate(self, x: Tensor, target: Tensor, batch: int) -> Tensor:
         """Forward/backward of ``x`` in micro-batches, each weighted by ``len / batch``
-        (an optimizer that runs its own forward and backward: the whole of ``x`` at once)."""
+        (an optimizer that runs its own forward and backward: the whole of ``x`` at once; it
+        runs in one process, so ``x`` is the whole batch)."""
         if self.caps.forward_backward is not None:
             loss = self.caps.forward_backward(
                 self.optimizer, x, lambda logits: self._loss(logits, target)
             )
-            return loss.detach() * (x.shape[0] / batch)
+            return loss.detach()
         total = torch.zeros((), device=self.device)
         for start in range(0, x.shape[0], self.micro):
             xs, ts = x[start : start + self.micro], target[start : start + self.micro]
